@@ -1,0 +1,1 @@
+"""Device profiles (target, memory budget) and how to reach each device."""

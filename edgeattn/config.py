@@ -1,0 +1,90 @@
+"""Attention configuration shared by every backend (PyTorch, ONNX, TVM).
+
+One frozen dataclass so that a configuration can be hashed, written into an
+export manifest and compared between the exporter and the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+AttentionKind = Literal["dense", "dhsa", "block-sparse"]
+ChunkingKind = Literal["fixed", "shift", "predictor"]
+
+ATTENTION_KINDS: tuple[str, ...] = ("dense", "dhsa", "block-sparse")
+CHUNKING_KINDS: tuple[str, ...] = ("fixed", "shift", "predictor")
+
+# Defaults follow the DHSA authors' configuration (block 32, ~2K token budget
+# for long prompts); see ../shared/notes/ENVIRONMENT.md.
+DEFAULT_CHUNK_SIZE = 32
+DEFAULT_BUDGET = 2048
+DEFAULT_SINKS = 4
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How one attention layer computes: dense, DHSA or the block-sparse baseline.
+
+    ``budget`` is N_b, the most keys any query attends to (own chunk and sinks
+    included).  ``chunk_size`` is the fixed chunk (or block) length; for the
+    adaptive chunking sources ``min_chunk``/``max_chunk`` bound every chunk.
+    """
+
+    kind: AttentionKind = "dhsa"
+    budget: int = DEFAULT_BUDGET
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    sinks: int = DEFAULT_SINKS
+    chunking: ChunkingKind = "fixed"
+    min_chunk: int = 8
+    max_chunk: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTENTION_KINDS:
+            raise ConfigError(
+                f"unknown attention kind {self.kind!r}; choose one of {', '.join(ATTENTION_KINDS)}"
+            )
+        if self.chunking not in CHUNKING_KINDS:
+            raise ConfigError(
+                f"unknown chunking {self.chunking!r}; choose one of {', '.join(CHUNKING_KINDS)}"
+            )
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk size must be >= 1, got {self.chunk_size}")
+        if self.sinks < 0:
+            raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
+        if not 1 <= self.min_chunk <= self.max_chunk:
+            raise ConfigError(
+                f"need 1 <= min_chunk <= max_chunk, got min_chunk={self.min_chunk}, "
+                f"max_chunk={self.max_chunk}"
+            )
+        if self.kind != "dense" and self.budget < self.largest_chunk + self.sinks:
+            raise ConfigError(
+                f"budget {self.budget} cannot hold a query's own chunk ({self.largest_chunk} "
+                f"tokens) plus {self.sinks} sink tokens; pass --budget >= "
+                f"{self.largest_chunk + self.sinks} or a smaller --chunk-size"
+            )
+
+    @property
+    def largest_chunk(self) -> int:
+        """The longest chunk this configuration can produce (bounds the budget)."""
+        if self.kind == "dhsa" and self.chunking != "fixed":
+            return self.max_chunk
+        return self.chunk_size
+
+    def with_(self, **changes: Any) -> AttentionConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttentionConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+DENSE = AttentionConfig(kind="dense")

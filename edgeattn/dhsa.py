@@ -1,0 +1,358 @@
+"""DHSA in PyTorch: the reference every other backend is tested against.
+
+This module implements steps 2-5 of the operator contract in DESIGN.md for one
+set of boundaries (step 1 lives in :mod:`edgeattn.chunking`).  Two decisions
+that every backend shares:
+
+* **Selection is made per KV head.**  The chunk scores of the query heads that
+  share a KV head (GQA) are averaged before the key chunks are chosen, so one
+  K/V tile serves the whole group in a kernel.  The scores are linear in the
+  pooled queries, so this equals scoring with the group's mean pooled query.
+* **The budget is filled greedily in score order, as a prefix.**  Key chunks
+  strictly before the query's own chunk are sorted by score (ties: lower chunk
+  index first) and taken while the running token count fits in
+  ``budget - |own chunk| - sinks outside it``.  A prefix rule is what ONNX
+  (TopK + CumSum) and TIR express without data-dependent loops, and with
+  ``budget >= L`` it keeps every key, so DHSA equals dense attention.
+
+Queries may be a suffix of the keys (decode with a KV cache): query ``i`` sits
+at absolute position ``k_len - q_len + i``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from edgeattn.config import AttentionConfig
+
+# ---------------------------------------------------------------- boundaries
+
+
+def fixed_boundaries(length: int, chunk_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boundaries b_0=0 < ... < b_Nc=length of fixed-size chunks (the last may be shorter)."""
+    if length < 1:
+        raise ValueError(f"sequence length must be >= 1, got {length}")
+    b = torch.arange(0, length, chunk_size, dtype=torch.int64, device=device)
+    return torch.cat([b, torch.tensor([length], dtype=torch.int64, device=device)])
+
+
+def check_boundaries(boundaries: torch.Tensor, length: int) -> None:
+    """Raise ValueError unless ``boundaries`` is a valid partition of [0, length)."""
+    b = boundaries
+    if b.dim() != 1 or b.numel() < 2:
+        raise ValueError(f"boundaries must be a 1-D tensor with >= 2 entries, got shape {tuple(b.shape)}")
+    if int(b[0]) != 0 or int(b[-1]) != length:
+        raise ValueError(f"boundaries must start at 0 and end at {length}, got {int(b[0])}..{int(b[-1])}")
+    if not bool((b[1:] > b[:-1]).all()):
+        raise ValueError("boundaries must be strictly increasing")
+
+
+def chunk_lengths(boundaries: torch.Tensor) -> torch.Tensor:
+    return boundaries[1:] - boundaries[:-1]
+
+
+def chunk_of_token(boundaries: torch.Tensor, length: int) -> torch.Tensor:
+    """Chunk id of every token position, shape [length]."""
+    pos = torch.arange(length, device=boundaries.device)
+    return torch.bucketize(pos, boundaries[1:], right=True)
+
+
+# ------------------------------------------------------- chunk-level stage
+
+
+def pool_chunks(x: torch.Tensor, boundaries: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Mean of ``x`` [B, H, L, D] over each chunk -> [B, H, Nc, D].
+
+    With ``normalize`` the mean is scaled by sqrt(chunk length) (DHSA's length
+    normalization, so long chunks are not penalized by averaging); without it
+    this is the plain mean pooling of block-sparse attention.
+    """
+    lengths = chunk_lengths(boundaries).to(x.dtype)
+    csum = F.pad(x.cumsum(dim=2), (0, 0, 1, 0))
+    sums = csum[:, :, boundaries[1:]] - csum[:, :, boundaries[:-1]]
+    scale = lengths.rsqrt() if normalize else 1.0 / lengths
+    return sums * scale[None, None, :, None]
+
+
+def chunk_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_boundaries: torch.Tensor,
+    k_boundaries: torch.Tensor,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Causal chunk-to-chunk scores, one matrix per KV head: [B, Hkv, Nq, Nk].
+
+    Query heads of a GQA group are averaged (see the module docstring).  Key
+    chunks after the query chunk get -inf.  ``q_boundaries`` partition the
+    query positions, ``k_boundaries`` the keys; in prefill they are equal.
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    qbar = pool_chunks(q, q_boundaries, normalize)
+    qbar = qbar.view(b, hkv, hq // hkv, -1, d).mean(dim=2)
+    kbar = pool_chunks(k, k_boundaries, normalize)
+    scores = qbar @ kbar.transpose(-1, -2)
+    nq, nk = scores.shape[-2:]
+    offset = nk - nq  # query chunk i is key chunk i + offset
+    future = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(offset + 1)
+    return scores.masked_fill(future, float("-inf"))
+
+
+def select_chunks(
+    scores: torch.Tensor, k_boundaries: torch.Tensor, budget: int, sinks: int
+) -> torch.Tensor:
+    """Key chunks each query chunk keeps: bool [B, H, Nq, Nk], own chunk included.
+
+    The query chunks are the last Nq key chunks.  Sink tokens are kept apart
+    from this mask (every query keeps keys < ``sinks``); chunks are charged
+    only for their tokens outside the sinks, so the kept set is exactly
+    own chunk ∪ sinks ∪ selected chunks and its size is at most ``budget``.
+    """
+    nq, nk = scores.shape[-2:]
+    offset = nk - nq
+    lengths = chunk_lengths(k_boundaries)
+    starts = k_boundaries[:-1]
+    sink_overlap = (torch.clamp(k_boundaries[1:], max=sinks) - torch.clamp(starts, max=sinks)).clamp(min=0)
+    charge = lengths - sink_overlap
+    own = torch.arange(nq, device=scores.device) + offset
+    remaining = budget - lengths[own] - torch.clamp(starts[own], max=sinks)
+
+    eligible = torch.arange(nk, device=scores.device)[None, :] < own[:, None]  # strictly before own chunk
+    ranked = scores.masked_fill(~eligible, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    taken_charge = charge[order].masked_fill(~eligible.expand_as(ranked).gather(-1, order), 0)
+    fits = taken_charge.cumsum(-1) <= remaining[:, None]
+    keep_sorted = fits & eligible.expand_as(ranked).gather(-1, order)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    keep[..., torch.arange(nq), own] = True
+    return keep
+
+
+# -------------------------------------------------------------- token masks
+
+
+def query_boundaries(k_boundaries: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """Boundaries of the query positions: the key chunks cut to the query range.
+
+    Returns boundaries relative to the first query; the query chunks are the
+    last ``len(result) - 1`` key chunks.
+    """
+    start = k_len - q_len
+    inner = k_boundaries[(k_boundaries > start) & (k_boundaries < k_len)] - start
+    zero = torch.zeros(1, dtype=torch.int64, device=k_boundaries.device)
+    end = torch.full((1,), q_len, dtype=torch.int64, device=k_boundaries.device)
+    return torch.cat([zero, inner, end])
+
+
+def select_for(
+    q: torch.Tensor, k: torch.Tensor, cfg: AttentionConfig, k_boundaries: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk selection for DHSA or block-sparse: (q_boundaries, keep [B,Hkv,Nq,Nk])."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    qb = query_boundaries(k_boundaries, q_len, k_len)
+    scores = chunk_scores(q, k, qb, k_boundaries, normalize=cfg.kind == "dhsa")
+    return qb, select_chunks(scores, k_boundaries, cfg.budget, cfg.sinks)
+
+
+def kept_token_mask(
+    keep: torch.Tensor,
+    k_boundaries: torch.Tensor,
+    q_len: int,
+    sinks: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Token-level kept mask [B, H, Lq, Lk] from a chunk selection (tests and small L only)."""
+    k_len = int(k_boundaries[-1])
+    nk = keep.shape[-1]
+    nq = keep.shape[-2]
+    kc = chunk_of_token(k_boundaries, k_len)
+    qpos = torch.arange(k_len - q_len, k_len, device=keep.device)
+    qc = chunk_of_token(k_boundaries, k_len)[qpos] - (nk - nq)
+    kpos = torch.arange(k_len, device=keep.device)
+    chunk_kept = keep[:, :, qc][:, :, :, kc]  # [B,H,Lq,Lk]
+    mask = (chunk_kept | (kpos < sinks)[None, None, None, :]) & causal_mask(q_len, k_len, window, keep.device)
+    return mask
+
+
+def causal_mask(q_len: int, k_len: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
+    """Bool [Lq, Lk]: key j visible from query i (causal, optional sliding window)."""
+    qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    kpos = torch.arange(k_len, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= (qpos - kpos) < window
+    return mask
+
+
+# ------------------------------------------------------------ attention
+
+
+def _softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention under an explicit bool mask [.., Lq, Lk]; O(L^2) memory."""
+    hq, hkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    if mask.dim() == 4 and mask.shape[1] == hkv and hkv != hq:
+        mask = mask.repeat_interleave(hq // hkv, dim=1)
+    scores = _softcapped((q @ k.transpose(-1, -2)) * scaling, softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal dense attention [B,Hq,Lq,D]; SDPA's fused kernel whenever it applies."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    if softcap is None:
+        if window is None or window >= k_len:
+            if q_len == k_len:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+            if q_len == 1:
+                return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
+        mask = causal_mask(q_len, k_len, window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return masked_attention(q, k, v, causal_mask(q_len, k_len, window, q.device), scaling, softcap)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    k_boundaries: torch.Tensor,
+    scaling: float,
+    sinks: int,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Exact softmax over the kept keys, one query chunk at a time.
+
+    Memory is O(Lq · budget), never O(L^2): each query chunk gathers only its
+    kept keys.  This is the formulation the TVM kernels implement (a query
+    chunk against its key ranges).
+    """
+    bsz, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    g = hq // hkv
+    nq, nk = keep.shape[-2:]
+    offset = nk - nq
+    q_start = k_len - q_len
+    out = torch.empty_like(q)
+    qg = q.view(bsz, hkv, g, q_len, d)
+    outg = out.view(bsz, hkv, g, q_len, d)
+    starts, ends = k_boundaries[:-1].tolist(), k_boundaries[1:].tolist()
+    keep_cpu = keep.cpu()
+    for c in range(nq):
+        kc = c + offset
+        qs, qe = max(starts[kc], q_start), ends[kc]
+        qpos = torch.arange(qs, qe, device=q.device)
+        for b in range(bsz):
+            for h in range(hkv):
+                chunks = keep_cpu[b, h, c].nonzero().flatten().tolist()
+                ranges = key_ranges(chunks, starts, ends, sinks, qe)
+                kidx = torch.cat([torch.arange(s, e, device=q.device) for s, e in ranges])
+                scores = (qg[b, h, :, qs - q_start : qe - q_start] @ k[b, h, kidx].T) * scaling
+                scores = _softcapped(scores, softcap)
+                visible = kidx[None, :] <= qpos[:, None]
+                if window is not None:
+                    visible &= (qpos[:, None] - kidx[None, :]) < window
+                scores = scores.masked_fill(~visible, float("-inf"))
+                outg[b, h, :, qs - q_start : qe - q_start] = torch.softmax(scores, dim=-1) @ v[b, h, kidx]
+    return out
+
+
+def key_ranges(chunks: list[int], starts: list[int], ends: list[int], sinks: int, limit: int) -> list[tuple[int, int]]:
+    """Merged [start, end) key ranges of the sinks and the kept chunks (what kernels iterate)."""
+    ranges = sorted([(0, min(sinks, limit))] + [(starts[c], ends[c]) for c in chunks])
+    merged: list[tuple[int, int]] = []
+    for s, e in ranges:
+        if e <= s:
+            continue
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: AttentionConfig,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    boundaries: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of q [B,Hq,Lq,D] over k, v [B,Hkv,Lk,D] as ``cfg`` says.
+
+    ``boundaries`` partition the keys [0, Lk); by default fixed chunks of
+    ``cfg.chunk_size``.  Block-sparse attention always uses fixed blocks.
+    """
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    scaling = 1.0 / math.sqrt(q.shape[-1]) if scaling is None else scaling
+    if cfg.kind == "dense":
+        return dense_attention(q, k, v, scaling, softcap, window)
+    k_len = k.shape[2]
+    if boundaries is None or cfg.kind == "block-sparse":
+        boundaries = fixed_boundaries(k_len, cfg.chunk_size, q.device)
+    check_boundaries(boundaries, k_len)
+    _, keep = select_for(q, k, cfg, boundaries)
+    return sparse_attention(q, k, v, keep, boundaries, scaling, cfg.sinks, softcap, window)
+
+
+def kept_fraction(keep: torch.Tensor, k_boundaries: torch.Tensor, q_len: int, sinks: int) -> float:
+    """Fraction of the causal Lq×Lk score matrix a selection computes (all heads averaged)."""
+    k_len = int(k_boundaries[-1])
+    kept = kept_token_mask(keep, k_boundaries, q_len, sinks).sum().item()
+    causal = causal_mask(q_len, k_len, None, keep.device).sum().item() * keep.shape[0] * keep.shape[1]
+    return kept / causal
+
+
+def computed_scores(keep: torch.Tensor, k_boundaries: torch.Tensor, q_len: int, sinks: int) -> int:
+    """Number of query-key scores computed, without building an L×L mask (scales to 64K)."""
+    k_len = int(k_boundaries[-1])
+    starts, ends = k_boundaries[:-1].tolist(), k_boundaries[1:].tolist()
+    nq, nk = keep.shape[-2:]
+    offset = nk - nq
+    q_start = k_len - q_len
+    total = 0
+    keep_cpu = keep.cpu()
+    for b in range(keep.shape[0]):
+        for h in range(keep.shape[1]):
+            for c in range(nq):
+                kc = c + offset
+                qs, qe = max(starts[kc], q_start), ends[kc]
+                chunks = keep_cpu[b, h, c].nonzero().flatten().tolist()
+                others = [x for x in chunks if x != kc]
+                ranges = key_ranges(others, starts, ends, sinks, starts[kc])
+                outside = sum(e - s for s, e in ranges)
+                # own chunk is causal: query at p sees p - starts[kc] + 1 keys of it
+                own = sum(p - starts[kc] + 1 for p in range(qs, qe))
+                total += (qe - qs) * outside + own
+    return total

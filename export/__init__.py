@@ -1,0 +1,1 @@
+"""ONNX export with DHSA as custom ops of the ``ai.edgeattn`` domain."""

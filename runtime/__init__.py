@@ -1,0 +1,1 @@
+"""Compile, deploy, run and measure models; memory budgets."""
