@@ -45,21 +45,16 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ATTENTION_KINDS:
-            raise ConfigError(
-                f"unknown attention kind {self.kind!r}; choose one of {', '.join(ATTENTION_KINDS)}"
-            )
+            raise ConfigError(f"unknown attention kind {self.kind!r}; choose one of {', '.join(ATTENTION_KINDS)}")
         if self.chunking not in CHUNKING_KINDS:
-            raise ConfigError(
-                f"unknown chunking {self.chunking!r}; choose one of {', '.join(CHUNKING_KINDS)}"
-            )
+            raise ConfigError(f"unknown chunking {self.chunking!r}; choose one of {', '.join(CHUNKING_KINDS)}")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk size must be >= 1, got {self.chunk_size}")
         if self.sinks < 0:
             raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
         if not 1 <= self.min_chunk <= self.max_chunk:
             raise ConfigError(
-                f"need 1 <= min_chunk <= max_chunk, got min_chunk={self.min_chunk}, "
-                f"max_chunk={self.max_chunk}"
+                f"need 1 <= min_chunk <= max_chunk, got min_chunk={self.min_chunk}, max_chunk={self.max_chunk}"
             )
         if self.kind != "dense" and self.budget < self.largest_chunk + self.sinks:
             raise ConfigError(

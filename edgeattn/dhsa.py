@@ -102,9 +102,7 @@ def chunk_scores(
     return scores.masked_fill(future, float("-inf"))
 
 
-def select_chunks(
-    scores: torch.Tensor, k_boundaries: torch.Tensor, budget: int, sinks: int
-) -> torch.Tensor:
+def select_chunks(scores: torch.Tensor, k_boundaries: torch.Tensor, budget: int, sinks: int) -> torch.Tensor:
     """Key chunks each query chunk keeps: bool [B, H, Nq, Nk], own chunk included.
 
     The query chunks are the last Nq key chunks.  Sink tokens are kept apart

@@ -1,0 +1,183 @@
+"""Swap the attention of a loaded Gemma 2 / Gemma 3 model, per layer, without touching weights.
+
+transformers routes every attention call through ``ALL_ATTENTION_FUNCTIONS``
+by the name in ``config._attn_implementation``.  We register one function,
+``edgeattn``, and tag each attention module with its :class:`AttentionConfig`;
+untagged layers fall through to the implementation the model had before, so
+patching is reversible and ``generate`` (with its KV cache) keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from edgeattn import dhsa
+from edgeattn.config import AttentionConfig
+from edgeattn.models import global_layers
+
+IMPL_NAME = "edgeattn"
+_CFG_ATTR = "edgeattn_config"
+_BOUNDARY_ATTR = "edgeattn_boundaries"
+_PREVIOUS_ATTR = "edgeattn_previous_impl"
+
+# A boundary source: (keys [B, Hkv, L, D], layer module) -> boundaries [Nc+1] (int64).
+BoundaryFn = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def _edgeattn_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    cfg: AttentionConfig | None = getattr(module, _CFG_ATTR, None)
+    if cfg is None:
+        return _previous(module)(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            **kwargs,
+        )
+    if attention_mask is not None and _hides_causal_keys(attention_mask, query.shape[2], key.shape[2], sliding_window):
+        raise NotImplementedError(
+            "sparse attention layers do not support padded batches; run one sequence at a time (batch size 1)"
+        )
+    boundary_fn: BoundaryFn | None = getattr(module, _BOUNDARY_ATTR, None)
+    boundaries = boundary_fn(key, module) if boundary_fn is not None and cfg.kind == "dhsa" else None
+    out = dhsa.attention(
+        query, key, value, cfg, scaling=scaling, softcap=softcap, window=sliding_window, boundaries=boundaries
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _previous(module: torch.nn.Module) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = getattr(module, _PREVIOUS_ATTR, "sdpa")
+    if name == "eager":
+        import importlib
+
+        modeling = importlib.import_module(type(module).__module__)
+        return modeling.eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _hides_causal_keys(mask: torch.Tensor, q_len: int, k_len: int, window: int | None) -> bool:
+    """True when the model's mask hides keys that causality allows, i.e. the batch is padded."""
+    if mask.dim() != 4 or mask.shape[-1] != k_len:
+        return False
+    allowed = dhsa.causal_mask(q_len, k_len, window, mask.device)
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    return bool((allowed & ~visible).any())
+
+
+def _register(previous: str) -> str:
+    """Register the attention function under a name whose masks match ``previous``.
+
+    transformers builds each layer's mask by the implementation's name; layers
+    we leave alone must get the masks their own implementation expects
+    (SDPA's or eager's), so there is one registered name per fallback.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = IMPL_NAME if previous == "sdpa" else f"{IMPL_NAME}_{previous}"
+    AttentionInterface.register(name, _edgeattn_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    return name
+
+
+def parse_layers(spec: str | Iterable[int], config: Any) -> list[int]:
+    """``global`` (full-attention layers), ``all``, or a list like ``5,11`` -> layer indices."""
+    n = config.num_hidden_layers
+    if not isinstance(spec, str):
+        layers = sorted(set(spec))
+    elif spec == "global":
+        return global_layers(config)
+    elif spec == "all":
+        return list(range(n))
+    else:
+        try:
+            layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+        except ValueError as err:
+            raise ValueError(
+                f"--layers must be 'global', 'all' or a comma list of layer indices, got {spec!r}"
+            ) from err
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise ValueError(f"layer indices {bad or spec} out of range: the model has layers 0..{n - 1}")
+    return layers
+
+
+def attention_modules(model: Any) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer, in order."""
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def patch(
+    model: Any,
+    cfg: AttentionConfig,
+    layers: str | Iterable[int] = "global",
+    boundary_fn: BoundaryFn | None = None,
+) -> list[int]:
+    """Make ``layers`` of ``model`` use ``cfg``; other layers keep their attention.
+
+    Returns the patched layer indices.  Calling it again replaces the previous
+    patch (layers not listed go back to the original attention).
+    """
+    chosen = parse_layers(layers, model.config)
+    impl = model.config._attn_implementation
+    previous = getattr(model, _PREVIOUS_ATTR, None) or impl
+    if previous not in ("sdpa", "eager"):
+        previous = "eager"
+    if getattr(model.config, "attn_logit_softcapping", None) is not None:
+        previous = "eager"  # SDPA cannot softcap
+    model.__dict__[_PREVIOUS_ATTR] = previous
+    for i, module in enumerate(attention_modules(model)):
+        setattr(module, _PREVIOUS_ATTR, previous)
+        setattr(module, _CFG_ATTR, cfg if i in chosen else None)
+        setattr(module, _BOUNDARY_ATTR, boundary_fn if i in chosen else None)
+    _set_impl(model, _register(previous))
+    return chosen
+
+
+def _set_impl(model: Any, name: str) -> None:
+    for cfg in {id(c): c for c in (model.config, model.model.config)}.values():
+        cfg._attn_implementation = name
+
+
+def unpatch(model: Any) -> None:
+    """Restore the model's original attention everywhere."""
+    previous = getattr(model, _PREVIOUS_ATTR, None)
+    if previous is None:
+        return
+    for module in attention_modules(model):
+        for attr in (_CFG_ATTR, _BOUNDARY_ATTR, _PREVIOUS_ATTR):
+            if hasattr(module, attr):
+                delattr(module, attr)
+    _set_impl(model, previous)
+    del model.__dict__[_PREVIOUS_ATTR]
+
+
+def layer_kinds(model: Any) -> list[str]:
+    """Per-layer attention kind as patched now (``dense`` for untouched layers), for manifests."""
+    kinds = []
+    for module in attention_modules(model):
+        cfg = getattr(module, _CFG_ATTR, None)
+        kinds.append(cfg.kind if cfg is not None else "dense")
+    return kinds

@@ -1,0 +1,57 @@
+"""Tiny random Gemma 2 / Gemma 3 models for architecture tests.
+
+No Gemma 2 weights ship on PyPI, so Gemma 2 (softcapping, alternating local and
+global layers, GQA) is exercised with random weights of the real architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def tiny_config(family: str = "gemma3", **overrides: Any) -> Any:
+    """A small config of ``family`` ("gemma2" or "gemma3") with global and sliding layers."""
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        sliding_window=16,
+        query_pre_attn_scalar=16,
+    )
+    if family == "gemma2":
+        common.update(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+        cls = Gemma2Config
+    elif family == "gemma3":
+        common.update(sliding_window_pattern=2, layer_types=["sliding_attention", "full_attention"] * 2)
+        cls = Gemma3TextConfig
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; use gemma2 or gemma3")
+    common.update(overrides)
+    return cls(**common)
+
+
+def tiny_model(family: str = "gemma3", seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised causal LM of ``family``, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    impl = "eager" if family == "gemma2" else "sdpa"  # SDPA cannot softcap
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), attn_implementation=impl)
+    return model.eval()
+
+
+def save_tiny_model(out_dir: Path, family: str = "gemma3", seed: int = 0) -> Path:
+    """Write a tiny random model as an HF directory (no tokenizer), for CLI tests."""
+    model = tiny_model(family, seed)
+    model.save_pretrained(out_dir)
+    return out_dir
