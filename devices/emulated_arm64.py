@@ -1,0 +1,240 @@
+"""An emulated aarch64 device: TVM's RPC server in aarch64 Python under qemu-user, on 127.0.0.1.
+
+Why: it is a real AArch64 execution of cross-compiled kernels (qemu
+translates every instruction, NEON included) reached through the same TVM RPC
+path as a Raspberry Pi or a Jetson, so the deployment code and the numerics of
+the ARM builds are checked on this x86 machine.  Timings under emulation mean
+nothing; correctness does.
+
+Set-up (once, into a cache folder): ``python -m edgeattn.devices.arm64_emulator_setup``.
+Use::
+
+    with EmulatedArm64Device() as dev:
+        remote = dev.session          # tvm.rpc.RPCSession
+        remote.upload(path); lib = remote.load_module(name); ...
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+ENV_ROOT = "EDGEATTN_ARM64_EMU"
+DEFAULT_ROOT = Path.home() / ".cache" / "edgeattn" / "arm64-emu"
+DEBIAN_SUITE = "bookworm"
+PYTHON_VERSION = "3.11"  # bookworm's python3
+SETUP_COMMAND = "python -m edgeattn.devices.arm64_emulator_setup"
+HOST = "127.0.0.1"
+
+
+class EmulatorNotSetUpError(RuntimeError):
+    """The rootfs / aarch64 site-packages are missing; the message names the set-up command."""
+
+
+@dataclass(frozen=True)
+class EmulatorLayout:
+    """Where the emulator's pieces live inside its cache folder."""
+
+    root: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root / "rootfs"
+
+    @property
+    def site(self) -> Path:
+        return self.root / "site"
+
+    @property
+    def python(self) -> Path:
+        return self.rootfs / "usr" / "bin" / f"python{PYTHON_VERSION}"
+
+    @property
+    def wrapper(self) -> Path:
+        """x86 shell script that runs the aarch64 Python under qemu (also its ``sys.executable``)."""
+        return self.root / "python-aarch64"
+
+    @property
+    def ready_marker(self) -> Path:
+        return self.root / "READY.json"
+
+
+def emulator_layout() -> EmulatorLayout:
+    """The layout under ``$EDGEATTN_ARM64_EMU`` (default ``~/.cache/edgeattn/arm64-emu``)."""
+    root = os.environ.get(ENV_ROOT)
+    return EmulatorLayout(Path(root).expanduser() if root else DEFAULT_ROOT)
+
+
+def setup_problem(layout: EmulatorLayout | None = None) -> str | None:
+    """Why the emulator cannot start (None when it can): used by tests to skip with a reason."""
+    layout = layout or emulator_layout()
+    if shutil.which("qemu-aarch64-static") is None:
+        return "qemu-aarch64-static is not installed (apt-get install qemu-user-static), then run " + SETUP_COMMAND
+    if not layout.ready_marker.exists() or not layout.wrapper.exists() or not layout.python.exists():
+        return f"the emulated aarch64 device is not set up in {layout.root}: run `{SETUP_COMMAND}`"
+    return None
+
+
+def is_set_up(layout: EmulatorLayout | None = None) -> bool:
+    return setup_problem(layout) is None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class EmulatedArm64Device:
+    """Starts ``tvm.exec.rpc_server`` under qemu on 127.0.0.1 and stops it on exit.
+
+    ``start`` returns once the server has answered a real RPC session (not just
+    opened its port): importing TVM under emulation takes 10-20 s, so
+    ``start_timeout`` defaults to a generous 300 s on a busy 2-core machine.
+    """
+
+    def __init__(self, port: int | None = None, start_timeout: float = 300.0) -> None:
+        self.layout = emulator_layout()
+        self.port = port
+        self.start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._session: Any = None
+
+    # -------------------------------------------------------------- life cycle
+
+    def start(self) -> EmulatedArm64Device:
+        problem = setup_problem(self.layout)
+        if problem:
+            raise EmulatorNotSetUpError(problem)
+        if self._proc is not None:
+            return self
+        self.port = self.port or _free_port()
+        self._log_dir = tempfile.TemporaryDirectory(prefix="edgeattn-arm64-rpc-")
+        log_path = Path(self._log_dir.name) / "rpc_server.log"
+        with open(log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                [
+                    str(self.layout.wrapper),
+                    "-m",
+                    "tvm.exec.rpc_server",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(self.port),
+                    "--port-end",
+                    str(self.port + 1),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self._log_dir.name,
+                start_new_session=True,  # own process group: stop() ends the server and its workers only
+            )
+        try:
+            self._session = self._wait_until_it_answers(log_path)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_it_answers(self, log_path: Path) -> Any:
+        from tvm import rpc
+
+        deadline = time.monotonic() + self.start_timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"the emulated RPC server exited with code {self._proc.returncode}:\n{self.log_text(log_path)}"
+                )
+            if f"bind to {HOST}:{self.port}" in self.log_text(log_path):
+                try:
+                    session = rpc.connect(HOST, self.port, session_timeout=0)
+                    if session.cpu(0).exist:
+                        return session
+                except Exception as err:  # the server may still be importing; retry until the deadline
+                    last_error = err
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"the emulated aarch64 RPC server on {HOST}:{self.port} did not answer within {self.start_timeout:.0f} s "
+            f"(last error: {last_error}); log:\n{self.log_text(log_path)}"
+        )
+
+    @staticmethod
+    def log_text(log_path: Path) -> str:
+        try:
+            return log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        """End the server's process group (the server and the session workers it forked)."""
+        self._session = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+        if self._log_dir is not None:
+            self._log_dir.cleanup()
+            self._log_dir = None
+
+    @property
+    def session(self) -> Any:
+        """The ``tvm.rpc.RPCSession`` opened by ``start`` (the server answered it)."""
+        if self._session is None:
+            raise RuntimeError("the emulated device is not running: use `with EmulatedArm64Device() as dev:`")
+        return self._session
+
+    def new_session(self) -> Any:
+        """Another RPC session to the running server (each session gets its own remote worker)."""
+        from tvm import rpc
+
+        if self._proc is None:
+            raise RuntimeError("the emulated device is not running: call start() first")
+        return rpc.connect(HOST, self.port, session_timeout=0)
+
+    def __enter__(self) -> EmulatedArm64Device:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def run_on_device(session: Any, lib: Any, fcompile: Any, func_name: str, args: list[Any]) -> list[Any]:
+    """Export ``lib`` with ``fcompile``, upload it, run ``func_name`` on the remote CPU; returns numpy arrays.
+
+    ``args`` are numpy arrays, copied to the device before and back after (so
+    outputs poisoned on the host arrive poisoned on the device).
+    """
+    import tvm
+    from tvm.support import utils
+
+    tmp = utils.tempdir()
+    name = f"edgeattn_{func_name}_{os.getpid()}_{time.monotonic_ns()}.so"
+    path = tmp.relpath(name)
+    lib.export_library(path, fcompile=fcompile)
+    session.upload(path)
+    remote_lib = session.load_module(name)
+    dev = session.cpu(0)
+    tensors = [tvm.runtime.tensor(a, dev) for a in args]
+    remote_lib[func_name](*tensors)
+    return [t.numpy() for t in tensors]
