@@ -1,0 +1,374 @@
+"""Write a Gemma 2 / Gemma 3 causal LM as an ONNX graph, straight from its weights.
+
+Why not trace: tracing transformers' generation code (cache classes, mask
+builders) through torch.onnx is brittle across versions, and the graph we want
+is small and fixed -- embedding, N decoder layers, norm, tied LM head -- with
+the attention of chosen layers replaced by the ``ai.edgeattn`` ops.  Writing it
+from the weights gives full control over the KV-cache I/O and dynamic axes; the
+verifier (``edgeattn.export.verify``) checks the result against the PyTorch
+model, so any drift in the architecture shows up as a logit error.
+
+Graph I/O (B, S, P, T = P + S are dynamic):
+  inputs  input_ids int64 [B, S], attention_mask int64 [B, T] (1 = real token),
+          position_ids int64 [B, S], past_key_values.{i}.key/value [B, Hkv, P, D]
+  outputs logits [B, 1, V] (last position; all positions with all_logits) and
+          present.{i}.key/value [B, Hkv, T, D] (past concatenated with this step)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from edgeattn.export import ops
+from edgeattn.export.onnx_builder import BOOL, FLOAT, INT64, OPSET, NodeBuilder
+from onnx import TensorProto, helper
+
+from edgeattn.config import AttentionConfig
+from edgeattn.errors import UnsupportedModelError
+
+SUPPORTED_FAMILIES = ("gemma2", "gemma3_text")
+_ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+BOUNDARIES_INPUT = "dhsa_boundaries"
+
+
+@dataclass
+class GraphSpec:
+    """What to write: which layers get which attention, dtype, logits of all positions or the last."""
+
+    cfg: AttentionConfig
+    sparse_layers: list[int] = field(default_factory=list)
+    dtype: str = "float32"
+    all_logits: bool = False
+    boundaries_input: bool = False  # adaptive chunking: boundaries come in as a graph input
+
+
+@dataclass
+class ModelFacts:
+    """Architecture facts read from a loaded HF model (everything the graph needs besides weights)."""
+
+    family: str
+    layers: int
+    hidden: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    vocab: int
+    eps: float
+    scaling: float
+    layer_types: list[str]
+    sliding_window: int | None
+    attn_softcap: float | None
+    final_softcap: float | None
+    qk_norm: bool
+    embed_scale: float
+    inv_freq: dict[str, np.ndarray]  # per layer type
+    rope_scale: dict[str, float]
+
+
+def model_facts(model: Any) -> ModelFacts:
+    """Read the architecture of a Gemma 2 / Gemma 3 text model; UnsupportedModelError otherwise."""
+    c = model.config
+    family = getattr(c, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"cannot export a {family!r} model: the exporter writes Gemma 2 and Gemma 3 text models "
+            f"(model_type {' or '.join(SUPPORTED_FAMILIES)})."
+        )
+    act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
+    if act != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(
+            f"activation {act!r} is not supported by the exporter (Gemma uses gelu_pytorch_tanh)"
+        )
+    if getattr(c, "attention_bias", False):
+        raise UnsupportedModelError("attention projections with bias are not supported by the exporter")
+    if getattr(c, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(
+            "bidirectional Gemma 3 (embedding) models are not causal LMs; export a causal model"
+        )
+    layer_types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
+    rotary = model.model.rotary_emb
+    inv_freq: dict[str, np.ndarray] = {}
+    rope_scale: dict[str, float] = {}
+    for lt in sorted(set(layer_types)):
+        if hasattr(rotary, f"{lt}_inv_freq"):  # Gemma 3: one rotary table per layer type
+            inv, scale, rtype = (
+                getattr(rotary, f"{lt}_inv_freq"),
+                getattr(rotary, f"{lt}_attention_scaling"),
+                (rotary.rope_type.get(lt, "default") if isinstance(rotary.rope_type, dict) else rotary.rope_type),
+            )
+        else:
+            inv, scale, rtype = rotary.inv_freq, rotary.attention_scaling, getattr(rotary, "rope_type", "default")
+        if rtype in ("dynamic", "longrope"):
+            raise UnsupportedModelError(
+                f"RoPE type {rtype!r} changes its frequencies with the sequence length; the exporter "
+                "supports static RoPE (default, linear, yarn, llama3)"
+            )
+        inv_freq[lt] = inv.detach().float().cpu().numpy()
+        rope_scale[lt] = float(scale)
+    embed = model.model.embed_tokens
+    embed_scale = float(getattr(embed, "embed_scale", getattr(embed, "scalar_embed_scale", c.hidden_size**0.5)))
+    return ModelFacts(
+        family=family,
+        layers=c.num_hidden_layers,
+        hidden=c.hidden_size,
+        heads_q=c.num_attention_heads,
+        heads_kv=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        vocab=c.vocab_size,
+        eps=float(c.rms_norm_eps),
+        scaling=float(c.query_pre_attn_scalar) ** -0.5,
+        layer_types=layer_types,
+        sliding_window=getattr(c, "sliding_window", None),
+        attn_softcap=getattr(c, "attn_logit_softcapping", None),
+        final_softcap=getattr(c, "final_logit_softcapping", None),
+        qk_norm=hasattr(model.model.layers[0].self_attn, "q_norm"),
+        embed_scale=embed_scale,
+        inv_freq=inv_freq,
+        rope_scale=rope_scale,
+    )
+
+
+class _GemmaWriter:
+    def __init__(self, model: Any, facts: ModelFacts, spec: GraphSpec) -> None:
+        self.model = model
+        self.f = facts
+        self.spec = spec
+        self.nb = NodeBuilder()
+        self.dt = _ONNX_DTYPES[spec.dtype]
+        self.np_dt = _NP_DTYPES[spec.dtype]
+        self.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    # ---- weights
+    def weight(self, key: str, transpose: bool = False, plus_one: bool = False) -> str:
+        w = self.state[key].float().numpy()
+        if plus_one:  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in (computed in float32, as HF does)
+            return self.nb.initializer(key, (w + 1.0).astype(np.float32))
+        if transpose:
+            w = w.T
+        return self.nb.initializer(key, w.astype(self.np_dt))
+
+    # ---- building blocks
+    def rmsnorm(self, x: str, key: str) -> str:
+        nb = self.nb
+        w = self.weight(key, plus_one=True)
+        xf = nb.op("Cast", x, to=FLOAT) if self.dt != FLOAT else x
+        ms = nb.op("ReduceMean", nb.op("Mul", xf, xf), nb.i64(-1), keepdims=1)
+        inv = nb.op("Reciprocal", nb.op("Sqrt", nb.op("Add", ms, nb.const(self.f.eps, np.float32))))
+        y = nb.op("Mul", nb.op("Mul", xf, inv), w)
+        return nb.op("Cast", y, to=self.dt) if self.dt != FLOAT else y
+
+    def rope_tables(self, layer_type: str, positions_f: str) -> tuple[str, str]:
+        nb = self.nb
+        inv = nb.const(self.f.inv_freq[layer_type], np.float32, hint=f"inv_freq_{layer_type}")
+        freqs = nb.op("Mul", nb.unsqueeze(positions_f, 2), inv)  # [B,S,D/2]
+        emb = nb.op("Concat", freqs, freqs, axis=-1)
+        scale = nb.const(self.f.rope_scale[layer_type], np.float32)
+        cos = nb.op("Mul", nb.op("Cos", emb), scale)
+        sin = nb.op("Mul", nb.op("Sin", emb), scale)
+        if self.dt != FLOAT:
+            cos, sin = nb.op("Cast", cos, to=self.dt), nb.op("Cast", sin, to=self.dt)
+        return nb.unsqueeze(cos, 1), nb.unsqueeze(sin, 1)  # [B,1,S,D]
+
+    def rope(self, x: str, cos: str, sin: str) -> str:
+        nb = self.nb
+        half = self.f.head_dim // 2
+        x1, x2 = nb.op("Split", x, nb.i64(half, half), axis=-1, outputs=2)
+        rotated = nb.op("Concat", nb.op("Neg", x2), x1, axis=-1)
+        return nb.op("Add", nb.op("Mul", x, cos), nb.op("Mul", rotated, sin))
+
+    def heads(self, x: str, n: int) -> str:
+        """[B,S,n*D] -> [B,n,S,D]."""
+        nb = self.nb
+        return nb.op("Transpose", nb.op("Reshape", x, nb.i64(0, 0, n, self.f.head_dim)), perm=[0, 2, 1, 3])
+
+    def softcap(self, x: str, cap: float) -> str:
+        nb = self.nb
+        c = nb.op("CastLike", nb.const(cap, np.float32), x)
+        return nb.op("Mul", nb.op("Tanh", nb.op("Div", x, c)), c)
+
+    def dense_attention(self, q: str, k: str, v: str, mask: str) -> str:
+        """Causal GQA attention with an explicit mask [B,1,1,S,T]; softmax in float32 like HF eager."""
+        nb, f = self.nb, self.f
+        g = f.heads_q // f.heads_kv
+        qg = nb.op("Reshape", q, nb.i64(0, f.heads_kv, g, -1, f.head_dim))
+        kt = nb.unsqueeze(nb.op("Transpose", k, perm=[0, 1, 3, 2]), 2)
+        scores = nb.op("Mul", nb.op("MatMul", qg, kt), nb.op("CastLike", nb.const(f.scaling, np.float32), q))
+        if f.attn_softcap:
+            scores = self.softcap(scores, f.attn_softcap)
+        if self.dt != FLOAT:
+            scores = nb.op("Cast", scores, to=FLOAT)
+        scores = nb.op("Where", mask, scores, nb.const(np.finfo(np.float32).min, np.float32))
+        probs = nb.op("Softmax", scores, axis=-1)
+        if self.dt != FLOAT:
+            probs = nb.op("Cast", probs, to=self.dt)
+        out = nb.op("MatMul", probs, nb.unsqueeze(v, 2))  # [B,Hkv,g,S,D]
+        return nb.op("Reshape", out, nb.i64(0, f.heads_q, -1, f.head_dim))
+
+    # ---- the model
+    def build(self) -> onnx.ModelProto:
+        nb, f, spec = self.nb, self.f, self.spec
+        cfg = spec.cfg
+        dyn_past = ["batch", f.heads_kv, "past_sequence_length", f.head_dim]
+        dyn_present = ["batch", f.heads_kv, "total_sequence_length", f.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", INT64, ["batch", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", INT64, ["batch", "total_sequence_length"]),
+            helper.make_tensor_value_info("position_ids", INT64, ["batch", "sequence_length"]),
+        ]
+        outputs = [
+            helper.make_tensor_value_info(
+                "logits", self.dt, ["batch", "sequence_length" if spec.all_logits else 1, f.vocab]
+            )
+        ]
+        for i in range(f.layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", self.dt, dyn_past))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", self.dt, dyn_present))
+        if spec.boundaries_input:
+            inputs.append(helper.make_tensor_value_info(BOUNDARIES_INPUT, INT64, ["num_boundaries"]))
+
+        # embeddings (the table is shared with the tied LM head)
+        emb_w = self.weight("model.embed_tokens.weight")
+        h = nb.op("Gather", emb_w, "input_ids", axis=0)
+        h = nb.op("Mul", h, nb.op("CastLike", nb.const(f.embed_scale, np.float32), h), hint="embedded")
+
+        # lengths, masks, positions: shared by all layers
+        seq = nb.dim(nb.op("Shape", "input_ids"), 1)
+        total = nb.dim(nb.op("Shape", "attention_mask"), 1)
+        zero, one = nb.scalar_i64(0), nb.scalar_i64(1)
+        kpos = nb.op("Range", zero, total, one, hint="key_pos")
+        qpos = nb.op("Range", nb.op("Sub", total, seq), total, one, hint="query_pos")
+        q_col = nb.unsqueeze(qpos, 1)
+        causal = nb.op("LessOrEqual", nb.unsqueeze(kpos, 0), q_col)  # [S,T]
+        padding = nb.unsqueeze(nb.op("Cast", "attention_mask", to=BOOL), 1, 2, 3)  # [B,1,1,1,T]
+        masks = {"full_attention": nb.op("And", causal, padding, hint="mask_full")}
+        if f.sliding_window:
+            near = nb.op("Less", nb.op("Sub", q_col, nb.unsqueeze(kpos, 0)), nb.scalar_i64(f.sliding_window))
+            masks["sliding_attention"] = nb.op("And", nb.op("And", causal, near), padding, hint="mask_sliding")
+        positions_f = nb.op("Cast", "position_ids", to=FLOAT)
+        rope = {lt: self.rope_tables(lt, positions_f) for lt in sorted(set(f.layer_types))}
+        boundaries = None
+        if spec.sparse_layers:
+            if spec.boundaries_input:
+                boundaries = BOUNDARIES_INPUT
+            else:  # fixed chunks over all keys: 0, c, 2c, ..., T
+                starts = nb.op("Range", zero, total, nb.scalar_i64(cfg.chunk_size))
+                boundaries = nb.op("Concat", starts, nb.unsqueeze(total, 0), axis=0, hint="boundaries")
+
+        for i in range(f.layers):
+            p = f"model.layers.{i}."
+            lt = f.layer_types[i]
+            window = f.sliding_window if lt == "sliding_attention" else None
+            x = self.rmsnorm(h, p + "input_layernorm.weight")
+            q = self.heads(nb.op("MatMul", x, self.weight(p + "self_attn.q_proj.weight", True)), f.heads_q)
+            k = self.heads(nb.op("MatMul", x, self.weight(p + "self_attn.k_proj.weight", True)), f.heads_kv)
+            v = self.heads(nb.op("MatMul", x, self.weight(p + "self_attn.v_proj.weight", True)), f.heads_kv)
+            if f.qk_norm:
+                q = self.rmsnorm(q, p + "self_attn.q_norm.weight")
+                k = self.rmsnorm(k, p + "self_attn.k_norm.weight")
+            cos, sin = rope[lt]
+            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+            k_all = nb.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
+            v_all = nb.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"])
+            if i in spec.sparse_layers:
+                attn = self.sparse_attention(q, k_all, v_all, boundaries, window, i)
+            else:
+                attn = self.dense_attention(q, k_all, v_all, masks[lt] if window else masks["full_attention"])
+            attn = nb.op("Reshape", nb.op("Transpose", attn, perm=[0, 2, 1, 3]), nb.i64(0, 0, -1))
+            attn = nb.op("MatMul", attn, self.weight(p + "self_attn.o_proj.weight", True))
+            h = nb.op("Add", h, self.rmsnorm(attn, p + "post_attention_layernorm.weight"), hint=f"h{i}_attn")
+            x = self.rmsnorm(h, p + "pre_feedforward_layernorm.weight")
+            gate = nb.op("MatMul", x, self.weight(p + "mlp.gate_proj.weight", True))
+            up = nb.op("MatMul", x, self.weight(p + "mlp.up_proj.weight", True))
+            mlp = nb.op("MatMul", nb.op("Mul", self.gelu_tanh(gate), up), self.weight(p + "mlp.down_proj.weight", True))
+            h = nb.op("Add", h, self.rmsnorm(mlp, p + "post_feedforward_layernorm.weight"), hint=f"h{i}")
+
+        h = self.rmsnorm(h, "model.norm.weight")
+        if not spec.all_logits:
+            h = nb.op("Slice", h, nb.i64(-1), nb.i64(np.iinfo(np.int64).max), nb.i64(1), hint="last_hidden")
+        head = emb_w if self._tied() else self.weight("lm_head.weight")
+        flat = nb.op("Reshape", h, nb.i64(-1, f.hidden))
+        logits = nb.op("Gemm", flat, head, transB=1)
+        out_shape = nb.op("Concat", nb.op("Slice", nb.op("Shape", h), nb.i64(0), nb.i64(2)), nb.i64(f.vocab), axis=0)
+        if f.final_softcap:
+            logits = self.softcap(nb.op("Reshape", logits, out_shape), f.final_softcap)
+            nb.op("Identity", logits, outputs=["logits"])
+        else:
+            nb.op("Reshape", logits, out_shape, outputs=["logits"])
+
+        graph = helper.make_graph(nb.nodes, "edgeattn_gemma", inputs, outputs, initializer=nb.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        functions = []
+        if spec.sparse_layers:
+            opsets.append(helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
+            functions = ops.functions()
+        model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="edgeattn")
+        model.ir_version = 10
+        return model
+
+    def _tied(self) -> bool:
+        if "lm_head.weight" not in self.state:
+            return True
+        return (
+            bool(self.model.config.tie_word_embeddings)
+            or self.state["lm_head.weight"].data_ptr() == self.state["model.embed_tokens.weight"].data_ptr()
+        )
+
+    def gelu_tanh(self, x: str) -> str:
+        """gelu with the tanh approximation, spelled out (Gelu-20 needs opset 20; TVM imports these ops)."""
+        nb = self.nb
+
+        def c(val: float) -> str:
+            return nb.op("CastLike", nb.const(val, np.float32), x)
+
+        inner = nb.op(
+            "Mul",
+            c(math.sqrt(2.0 / math.pi)),
+            nb.op("Add", x, nb.op("Mul", c(0.044715), nb.op("Mul", x, nb.op("Mul", x, x)))),
+        )
+        return nb.op("Mul", nb.op("Mul", c(0.5), x), nb.op("Add", c(1.0), nb.op("Tanh", inner)))
+
+    def sparse_attention(self, q: str, k: str, v: str, boundaries: str, window: int | None, layer: int) -> str:
+        nb, f, cfg = self.nb, self.f, self.spec.cfg
+        min_chunk = cfg.chunk_size if (cfg.kind == "block-sparse" or cfg.chunking == "fixed") else cfg.min_chunk
+        sel, nsel = nb.op(
+            ops.OP_SELECT,
+            q,
+            k,
+            boundaries,
+            domain=ops.DOMAIN,
+            outputs=[f"layers.{layer}.dhsa_sel", f"layers.{layer}.dhsa_nsel"],
+            budget=cfg.budget,
+            sinks=cfg.sinks,
+            max_selected=ops.max_selected(cfg.budget, cfg.sinks, min_chunk),
+            normalize=1 if cfg.kind == "dhsa" else 0,
+        )
+        return nb.op(
+            ops.OP_SPARSE,
+            q,
+            k,
+            v,
+            boundaries,
+            sel,
+            nsel,
+            domain=ops.DOMAIN,
+            hint=f"layers.{layer}.dhsa_out",
+            scaling=f.scaling,
+            softcap=float(f.attn_softcap or 0.0),
+            window=int(window or 0),
+            sinks=cfg.sinks,
+        )
+
+
+def build_onnx(model: Any, spec: GraphSpec) -> onnx.ModelProto:
+    """The ONNX model of ``model`` with ``spec``'s attention (weights as initializers, in memory)."""
+    facts = model_facts(model)
+    bad = [i for i in spec.sparse_layers if not 0 <= i < facts.layers]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range: the model has layers 0..{facts.layers - 1}")
+    return _GemmaWriter(model, facts, spec).build()

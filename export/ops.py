@@ -1,0 +1,284 @@
+"""The ``ai.edgeattn`` custom ops as ONNX functions (FunctionProto), bodies in standard ONNX.
+
+Two ops carry DHSA (``export/OPS.md`` is their contract; ``edgeattn.dhsa`` their
+reference semantics):
+
+* ``DHSAChunkSelect(q, k, boundaries) -> (sel, nsel)``: length-normalized chunk
+  pooling, chunk-to-chunk scores (group-averaged per KV head) and the greedy
+  budget fill, output as the kept key-chunk ids per (KV head, query chunk).
+* ``DHSASparseAttention(q, k, v, boundaries, sel, nsel) -> out``: exact softmax
+  attention over the sinks and the kept chunks (causal, optional window and
+  softcap).
+
+The outputs follow the TVM kernel ABI (``kernels_tvm/abi.py``: ``sel`` ascending
+chunk ids with -1 padding, own chunk last; ``nsel`` the count) plus a leading
+batch axis, so a runtime swaps each node for its kernel one to one.
+
+The bodies use no If/Loop/TopK-with-dynamic-k (TVM's Relax ONNX frontend cannot
+import those): the score-order greedy fill is computed without sorting, as
+"chunk x is kept iff the charges of the eligible chunks ranked before it, plus
+its own, fit", where "ranked before" is a pairwise comparison (higher score, or
+equal score and lower index) -- the same order as the reference's stable sort.
+This is O(Nq * Nc^2) at chunk level and the attention mask is O(Lq * Lk) at
+token level: a portable path, not a fast one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from edgeattn.export.onnx_builder import BOOL, FLOAT, INT32, INT64, OPSET, NodeBuilder
+from onnx import TensorProto, helper
+
+DOMAIN = "ai.edgeattn"
+DOMAIN_VERSION = 1
+# Distinctive names: TVM's frontend dispatches on op_type alone (never `Attention`).
+OP_SELECT = "DHSAChunkSelect"
+OP_SPARSE = "DHSASparseAttention"
+
+_BIG = np.iinfo(np.int64).max
+
+
+def _common_sizes(nb: NodeBuilder, q: str, k: str, boundaries: str) -> dict[str, str]:
+    """Lengths and chunk tables both ops need (names of the tensors)."""
+    shape_q = nb.op("Shape", q)
+    shape_k = nb.op("Shape", k)
+    lq = nb.dim(shape_q, 2)
+    lk = nb.dim(shape_k, 2)
+    start = nb.op("Sub", lk, lq, hint="q_start")  # absolute position of query 0
+    b_hi = nb.op("Slice", boundaries, nb.i64(1), nb.i64(_BIG), hint="b_hi")  # chunk ends   [Nc]
+    b_lo = nb.op("Slice", boundaries, nb.i64(0), nb.i64(-1), hint="b_lo")  # chunk starts [Nc]
+    lens = nb.op("Sub", b_hi, b_lo, hint="chunk_len")
+    nc = nb.op("Squeeze", nb.op("Shape", lens), nb.i64(0), hint="nc")
+    chunk_ids = nb.op("Range", nb.scalar_i64(0), nc, nb.scalar_i64(1), hint="chunk_ids")
+    return dict(
+        shape_q=shape_q, shape_k=shape_k, lq=lq, lk=lk, start=start, b_hi=b_hi, b_lo=b_lo, lens=lens, nc=nc, x=chunk_ids
+    )
+
+
+def _pool(nb: NodeBuilder, x: str, lo: str, hi: str, normalize: str) -> str:
+    """Sum of x [B,H,L,D] over [lo, hi) along axis 2, times 1/sqrt(len) (normalize) or 1/len."""
+    csum = nb.op("CumSum", x, nb.scalar_i64(2))
+    padded = nb.op("Pad", csum, nb.i64(0, 0, 1, 0, 0, 0, 0, 0), hint="csum")  # csum[j] = sum of x[:j]
+    sums = nb.op("Sub", nb.op("Gather", padded, hi, axis=2), nb.op("Gather", padded, lo, axis=2))
+    length = nb.op("CastLike", nb.op("Sub", hi, lo), x)
+    scale = nb.op("Where", normalize, nb.op("Reciprocal", nb.op("Sqrt", length)), nb.op("Reciprocal", length))
+    return nb.op("Mul", sums, nb.unsqueeze(scale, 1), hint="pooled")
+
+
+def chunk_select_function() -> onnx.FunctionProto:
+    """FunctionProto of DHSAChunkSelect (see OPS.md for the contract)."""
+    nb = NodeBuilder()
+    q, k, boundaries = "q", "k", "boundaries"
+    s = _common_sizes(nb, q, k, boundaries)
+    budget = nb.attr_const("budget", "int")
+    sinks = nb.attr_const("sinks", "int")
+    m_width = nb.attr_const("max_selected", "int")
+    normalize = nb.op("Cast", nb.attr_const("normalize", "int"), to=BOOL)
+    zero, one = nb.scalar_i64(0), nb.scalar_i64(1)
+
+    # query chunks: the key chunks that contain a query, cut to the query range
+    holds_query = nb.op("Greater", s["b_hi"], s["start"])
+    nq = nb.op("ReduceSum", nb.op("Cast", holds_query, to=INT64), keepdims=0, hint="nq")
+    offset = nb.op("Sub", s["nc"], nq, hint="offset")
+    own = nb.op("Range", offset, s["nc"], one, hint="own_chunk")  # [Nq] key chunk of each query chunk
+    q_lo = nb.op("Sub", nb.op("Max", nb.op("Gather", s["b_lo"], own), s["start"]), s["start"])
+    q_hi = nb.op("Sub", nb.op("Gather", s["b_hi"], own), s["start"])
+
+    kbar = _pool(nb, k, s["b_lo"], s["b_hi"], normalize)  # [B,Hkv,Nc,D]
+    qbar = _pool(nb, q, q_lo, q_hi, normalize)  # [B,Hq,Nq,D]
+    # group-average the query heads of each KV head: [B,Hq,Nq,D] -> [B,Hkv,g,Nq,D] -> mean over g
+    grouped_shape = nb.op(
+        "Concat",
+        nb.op("Slice", s["shape_q"], nb.i64(0), nb.i64(1)),
+        nb.op("Slice", s["shape_k"], nb.i64(1), nb.i64(2)),
+        nb.i64(-1),
+        nb.unsqueeze(nq, 0),
+        nb.op("Slice", s["shape_q"], nb.i64(3), nb.i64(4)),
+        axis=0,
+    )
+    qbar = nb.op("ReduceMean", nb.op("Reshape", qbar, grouped_shape), nb.i64(2), keepdims=0)
+    scores = nb.op("MatMul", qbar, nb.op("Transpose", kbar, perm=[0, 1, 3, 2]), hint="chunk_scores")  # [B,Hkv,Nq,Nc]
+
+    x = s["x"]
+    x_row = nb.unsqueeze(x, 0)  # [1, Nc]
+    own_col = nb.unsqueeze(own, 1)  # [Nq, 1]
+    eligible = nb.op("Less", x_row, own_col, hint="eligible")  # [Nq, Nc]: strictly before the own chunk
+    # tokens each chunk costs outside the sinks; what is left after the own chunk and the sinks
+    sink_overlap = nb.op("Max", nb.op("Sub", nb.op("Min", s["b_hi"], sinks), nb.op("Min", s["b_lo"], sinks)), zero)
+    charge = nb.op("Sub", s["lens"], sink_overlap, hint="charge")  # [Nc]
+    remaining = nb.op(
+        "Sub",
+        nb.op("Sub", budget, nb.op("Gather", s["lens"], own)),
+        nb.op("Min", nb.op("Gather", s["b_lo"], own), sinks),
+        hint="remaining",
+    )  # [Nq]
+
+    # pairwise "y ranks before x": higher score, or the same score and a lower index (stable sort order)
+    sx = nb.unsqueeze(scores, 4)  # [B,H,Nq,Nc(x),1]
+    sy = nb.unsqueeze(scores, 3)  # [B,H,Nq,1,Nc(y)]
+    y_lower = nb.op("Less", nb.unsqueeze(x, 0), nb.unsqueeze(x, 1))  # [x, y]: y < x
+    before = nb.op("Or", nb.op("Greater", sy, sx), nb.op("And", nb.op("Equal", sy, sx), y_lower))
+    before = nb.op("And", before, nb.unsqueeze(eligible, 1), hint="ranked_before")  # y must be eligible
+    charge_f = nb.unsqueeze(nb.op("Cast", charge, to=FLOAT), 1)  # [Nc, 1]
+    charged_before = nb.squeeze(nb.op("MatMul", nb.op("Cast", before, to=FLOAT), charge_f), 4)  # [B,H,Nq,Nc]
+    total = nb.op("Add", charged_before, nb.op("Cast", charge, to=FLOAT))
+    fits = nb.op("LessOrEqual", total, nb.op("Cast", own_col_remaining(nb, remaining), to=FLOAT))
+    keep = nb.op("Or", nb.op("And", fits, eligible), nb.op("Equal", x_row, own_col), hint="keep")  # [B,H,Nq,Nc]
+
+    # kept chunk ids in ascending order, padded with -1 to width max_selected
+    keep_i = nb.op("Cast", keep, to=INT64)
+    pos = nb.op("CumSum", keep_i, nb.scalar_i64(3), exclusive=1)  # slot of each kept chunk
+    slots = nb.unsqueeze(nb.op("Range", zero, m_width, one), 1)  # [M, 1]
+    match = nb.op("And", nb.unsqueeze(keep, 3), nb.op("Equal", nb.unsqueeze(pos, 3), slots))  # [B,H,Nq,M,Nc]
+    nb.op(
+        "ReduceMax",
+        nb.op("Where", match, x, nb.scalar_i64(-1)),
+        nb.i64(4),
+        keepdims=0,
+        outputs=["sel"],
+    )
+    count = nb.op("ReduceSum", keep_i, nb.i64(3), keepdims=0)
+    nb.op("Where", nb.op("Greater", count, m_width), nb.scalar_i64(-1), count, outputs=["nsel"])
+    return _function(
+        OP_SELECT,
+        ["q", "k", "boundaries"],
+        ["sel", "nsel"],
+        nb,
+        {"budget": None, "sinks": 4, "max_selected": None, "normalize": 1},
+        "DHSA chunk stage: pooled chunk scores and budgeted key-chunk selection (see export/OPS.md).",
+    )
+
+
+def own_col_remaining(nb: NodeBuilder, remaining: str) -> str:
+    return nb.unsqueeze(remaining, 1)  # [Nq, 1]
+
+
+def sparse_attention_function() -> onnx.FunctionProto:
+    """FunctionProto of DHSASparseAttention (see OPS.md for the contract)."""
+    nb = NodeBuilder()
+    q, k, v, boundaries, sel = "q", "k", "v", "boundaries", "sel"
+    s = _common_sizes(nb, q, k, boundaries)
+    scaling = nb.op("CastLike", nb.attr_const("scaling", "float"), q)
+    softcap = nb.op("CastLike", nb.attr_const("softcap", "float"), q)
+    window = nb.attr_const("window", "int")
+    sinks = nb.attr_const("sinks", "int")
+    zero, one = nb.scalar_i64(0), nb.scalar_i64(1)
+
+    nq = nb.dim(nb.op("Shape", sel), 2)
+    offset = nb.op("Sub", s["nc"], nq)
+    tok = nb.op("Range", zero, s["lk"], one, hint="key_pos")  # [Lk]
+    qpos = nb.op("Range", s["start"], s["lk"], one, hint="query_pos")  # [Lq]
+    # chunk of every key token: how many chunk ends lie at or before it
+    k_chunk = nb.op(
+        "ReduceSum",
+        nb.op("Cast", nb.op("GreaterOrEqual", nb.unsqueeze(tok, 1), nb.unsqueeze(s["b_hi"], 0)), to=INT64),
+        nb.i64(1),
+        keepdims=0,
+        hint="key_chunk",
+    )
+    q_chunk = nb.op("Sub", nb.op("Gather", k_chunk, qpos), offset, hint="query_chunk")  # query-chunk index
+    # chunk-level kept mask from the id lists: [B,H,Nq,M,1] == [Nc] -> any over M
+    hit = nb.op("Cast", nb.op("Equal", nb.unsqueeze(sel, 4), s["x"]), to=INT32)
+    kept_chunks = nb.op("ReduceMax", hit, nb.i64(3), keepdims=0)  # [B,H,Nq,Nc]
+    kept = nb.op("Gather", nb.op("Gather", kept_chunks, q_chunk, axis=2), k_chunk, axis=3)  # [B,H,Lq,Lk]
+    visible = nb.op("Or", nb.op("Cast", kept, to=BOOL), nb.op("Less", tok, sinks))
+    q_col = nb.unsqueeze(qpos, 1)
+    causal = nb.op("LessOrEqual", nb.unsqueeze(tok, 0), q_col)  # [Lq, Lk]
+    in_window = nb.op(
+        "Or", nb.op("Less", nb.op("Sub", q_col, nb.unsqueeze(tok, 0)), window), nb.op("LessOrEqual", window, zero)
+    )
+    mask = nb.op("And", visible, nb.op("And", causal, in_window), hint="token_mask")  # [B,Hkv,Lq,Lk]
+
+    # exact attention, query heads grouped per KV head: [B,Hkv,g,Lq,D] x [B,Hkv,1,D,Lk]
+    grouped_shape = nb.op(
+        "Concat",
+        nb.op("Slice", s["shape_q"], nb.i64(0), nb.i64(1)),
+        nb.op("Slice", s["shape_k"], nb.i64(1), nb.i64(2)),
+        nb.i64(-1),
+        nb.op("Slice", s["shape_q"], nb.i64(2), nb.i64(4)),
+        axis=0,
+    )
+    qg = nb.op("Reshape", q, grouped_shape)
+    scores = nb.op("Mul", nb.op("MatMul", qg, nb.unsqueeze(nb.op("Transpose", k, perm=[0, 1, 3, 2]), 2)), scaling)
+    capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, softcap)), softcap)
+    scores = nb.op("Where", nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q)), capped, scores)
+    neg_inf = nb.op("CastLike", nb.const(-np.inf, np.float32), q)
+    scores = nb.op("Where", nb.unsqueeze(mask, 2), scores, neg_inf)
+    probs = nb.op("Softmax", scores, axis=-1)
+    out = nb.op("MatMul", probs, nb.unsqueeze(v, 2))
+    nb.op("Reshape", out, s["shape_q"], outputs=["out"])
+    return _function(
+        OP_SPARSE,
+        ["q", "k", "v", "boundaries", "sel", "nsel"],
+        ["out"],
+        nb,
+        {"scaling": None, "softcap": 0.0, "window": 0, "sinks": 4},
+        "DHSA sparse attention: exact softmax over the sinks and the kept key chunks (see export/OPS.md).",
+    )
+
+
+def _function(
+    name: str, inputs: list[str], outputs: list[str], nb: NodeBuilder, attrs: dict, doc: str
+) -> onnx.FunctionProto:
+    """Wrap a body; attributes with a default get an attribute_proto, the others are required."""
+    required = [a for a, d in attrs.items() if d is None]
+    defaults = [helper.make_attribute(a, d) for a, d in attrs.items() if d is not None]
+    fn = helper.make_function(
+        DOMAIN,
+        name,
+        inputs,
+        outputs,
+        nb.nodes,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        attributes=required,
+        attribute_protos=defaults,
+        doc_string=doc,
+    )
+    return fn
+
+
+def functions() -> list[onnx.FunctionProto]:
+    """Every ai.edgeattn function, to attach to a model (``model.functions``)."""
+    return [chunk_select_function(), sparse_attention_function()]
+
+
+def max_selected(budget: int, sinks: int, min_chunk: int) -> int:
+    """Width M of ``sel``: the most chunks one query chunk can keep (same bound as the TVM ABI).
+
+    Chunks that cost tokens cost >= min_chunk each, except the one straddling
+    the sinks; chunks wholly inside the sinks cost nothing (at most ``sinks``);
+    plus the own chunk.
+    """
+    return max(1, budget // max(1, min_chunk) + sinks + 2)
+
+
+def single_op_model(op: str, inputs: list[tuple[str, int, list]], outputs: list[tuple[str, int, list]], **attrs):
+    """A model holding one ai.edgeattn node and its function (tests and kernel checks)."""
+    node = helper.make_node(op, [n for n, _, _ in inputs], [n for n, _, _ in outputs], domain=DOMAIN, **attrs)
+    graph = helper.make_graph(
+        [node],
+        f"{op}_only",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+        functions=functions(),
+    )
+    model.ir_version = 10
+    return model
+
+
+__all__ = [
+    "DOMAIN",
+    "OP_SELECT",
+    "OP_SPARSE",
+    "chunk_select_function",
+    "sparse_attention_function",
+    "functions",
+    "max_selected",
+    "single_op_model",
+    "TensorProto",
+]
