@@ -245,12 +245,15 @@ def sparse_attention(
     sinks: int,
     softcap: float | None = None,
     window: int | None = None,
+    max_elements: int = 1 << 25,
 ) -> torch.Tensor:
-    """Exact softmax over the kept keys, one query chunk at a time.
+    """Exact softmax over the kept keys, a group of query chunks at a time.
 
-    Memory is O(Lq · budget), never O(L^2): each query chunk gathers only its
-    kept keys.  This is the formulation the TVM kernels implement (a query
-    chunk against its key ranges).
+    Each query chunk gathers only its kept keys (padded to the longest list in
+    the group), so memory is O(Lq · budget), never O(L^2); the query heads of a
+    GQA group share one gathered K/V.  This is the formulation the TVM kernels
+    implement: a query chunk against its key ranges.  ``max_elements`` caps the
+    score tile of one group.
     """
     bsz, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
@@ -258,28 +261,52 @@ def sparse_attention(
     nq, nk = keep.shape[-2:]
     offset = nk - nq
     q_start = k_len - q_len
-    out = torch.empty_like(q)
+    dev = q.device
+    # query rows of every query chunk, padded to the longest chunk
+    q_lo = torch.clamp(k_boundaries[offset:-1], min=q_start)
+    q_hi = k_boundaries[offset + 1 :]
+    c_max = int((q_hi - q_lo).max())
+    q_pos = q_lo[:, None] + torch.arange(c_max, device=dev)[None, :]  # [Nq, Cmax]
+    q_valid = q_pos < q_hi[:, None]
+    q_pos = torch.where(q_valid, q_pos, q_hi[:, None] - 1)
+    key_chunk = chunk_of_token(k_boundaries, k_len)
+    key_pos = torch.arange(k_len, device=dev)
+    out = torch.zeros(bsz, hkv, g, q_len, d, dtype=q.dtype, device=dev)
     qg = q.view(bsz, hkv, g, q_len, d)
-    outg = out.view(bsz, hkv, g, q_len, d)
-    starts, ends = k_boundaries[:-1].tolist(), k_boundaries[1:].tolist()
-    keep_cpu = keep.cpu()
-    for c in range(nq):
-        kc = c + offset
-        qs, qe = max(starts[kc], q_start), ends[kc]
-        qpos = torch.arange(qs, qe, device=q.device)
-        for b in range(bsz):
-            for h in range(hkv):
-                chunks = keep_cpu[b, h, c].nonzero().flatten().tolist()
-                ranges = key_ranges(chunks, starts, ends, sinks, qe)
-                kidx = torch.cat([torch.arange(s, e, device=q.device) for s, e in ranges])
-                scores = (qg[b, h, :, qs - q_start : qe - q_start] @ k[b, h, kidx].T) * scaling
-                scores = _softcapped(scores, softcap)
-                visible = kidx[None, :] <= qpos[:, None]
+    for b in range(bsz):
+        for h in range(hkv):
+            # token-level kept keys of each query chunk (bounded by the chunk's own end: causal)
+            kept = keep[b, h][:, key_chunk] | (key_pos < sinks)[None, :]
+            kept &= key_pos[None, :] < q_hi[:, None]
+            counts = kept.sum(-1)
+            k_max = int(counts.max())
+            group = max(1, max_elements // max(1, g * c_max * k_max))
+            for c0 in range(0, nq, group):
+                c1 = min(nq, c0 + group)
+                idx, k_valid = _gather_index(kept[c0:c1], k_max)
+                kg, vg = k[b, h][idx], v[b, h][idx]  # [G, Kmax, D]
+                rows = q_pos[c0:c1] - q_start  # [G, Cmax]
+                qc = qg[b, h][:, rows].permute(1, 0, 2, 3).reshape(c1 - c0, g * c_max, d)
+                scores = _softcapped((qc @ kg.transpose(-1, -2)) * scaling, softcap)
+                qp = q_pos[c0:c1].repeat(1, g)[:, :, None]  # [G, g*Cmax, 1]
+                visible = k_valid[:, None, :] & (idx[:, None, :] <= qp)
                 if window is not None:
-                    visible &= (qpos[:, None] - kidx[None, :]) < window
-                scores = scores.masked_fill(~visible, float("-inf"))
-                outg[b, h, :, qs - q_start : qe - q_start] = torch.softmax(scores, dim=-1) @ v[b, h, kidx]
-    return out
+                    visible &= (qp - idx[:, None, :]) < window
+                probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+                res = (probs @ vg).view(c1 - c0, g, c_max, d)
+                valid = q_valid[c0:c1]
+                out[b, h][:, rows[valid]] = res.permute(1, 0, 2, 3)[:, valid]
+    return out.view(bsz, hq, q_len, d)
+
+
+def _gather_index(kept: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise positions of the True entries of ``kept`` [G, L], padded to ``k_max``."""
+    slot = kept.cumsum(-1) - 1
+    idx = torch.zeros(kept.shape[0], k_max, dtype=torch.int64, device=kept.device)
+    rows, cols = kept.nonzero(as_tuple=True)
+    idx[rows, slot[rows, cols]] = cols
+    valid = torch.arange(k_max, device=kept.device)[None, :] < kept.sum(-1, keepdim=True)
+    return idx, valid
 
 
 def key_ranges(chunks: list[int], starts: list[int], ends: list[int], sinks: int, limit: int) -> list[tuple[int, int]]:

@@ -9,19 +9,22 @@ patching is reversible and ``generate`` (with its KV cache) keeps working.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from edgeattn import dhsa
-from edgeattn.config import AttentionConfig
+from edgeattn.config import AttentionConfig, ConfigError
 from edgeattn.models import global_layers
 
 IMPL_NAME = "edgeattn"
 _CFG_ATTR = "edgeattn_config"
 _BOUNDARY_ATTR = "edgeattn_boundaries"
 _PREVIOUS_ATTR = "edgeattn_previous_impl"
+_CAPTURE_ATTR = "edgeattn_capture"
 
 # A boundary source: (keys [B, Hkv, L, D], layer module) -> boundaries [Nc+1] (int64).
 BoundaryFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -40,6 +43,9 @@ def _edgeattn_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     cfg: AttentionConfig | None = getattr(module, _CFG_ATTR, None)
+    captured = getattr(module, _CAPTURE_ATTR, None)
+    if captured is not None:
+        captured.append(CapturedAttention(query, key, value, scaling, sliding_window, softcap))
     if cfg is None:
         return _previous(module)(
             module,
@@ -63,6 +69,43 @@ def _edgeattn_attention(
         query, key, value, cfg, scaling=scaling, softcap=softcap, window=sliding_window, boundaries=boundaries
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class CapturedAttention:
+    """The inputs one attention call received (after QK-norm and RoPE): real activations for tests."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scaling: float | None
+    window: int | None
+    softcap: float | None
+
+
+@contextmanager
+def capture_attention(
+    model: Any, layers: str | Iterable[int] = "global"
+) -> Iterator[dict[int, list[CapturedAttention]]]:
+    """Record q, k, v of every attention call of ``layers`` while the block runs.
+
+    Yields {layer index: [calls]}; the model computes exactly as before.
+    """
+    chosen = parse_layers(layers, model.config)
+    already = getattr(model, _PREVIOUS_ATTR, None) is not None
+    if not already:
+        patch(model, AttentionConfig(kind="dense"), [])
+    store: dict[int, list[CapturedAttention]] = {i: [] for i in chosen}
+    modules = attention_modules(model)
+    try:
+        for i in chosen:
+            setattr(modules[i], _CAPTURE_ATTR, store[i])
+        yield store
+    finally:
+        for i in chosen:
+            delattr(modules[i], _CAPTURE_ATTR)
+        if not already:
+            unpatch(model)
 
 
 def _previous(module: torch.nn.Module) -> Callable[..., Any]:
@@ -115,12 +158,12 @@ def parse_layers(spec: str | Iterable[int], config: Any) -> list[int]:
         try:
             layers = sorted({int(x) for x in spec.split(",") if x.strip()})
         except ValueError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"--layers must be 'global', 'all' or a comma list of layer indices, got {spec!r}"
             ) from err
     bad = [i for i in layers if not 0 <= i < n]
-    if bad or not layers:
-        raise ValueError(f"layer indices {bad or spec} out of range: the model has layers 0..{n - 1}")
+    if bad or (not layers and isinstance(spec, str)):
+        raise ConfigError(f"layer indices {bad or spec} out of range: the model has layers 0..{n - 1}")
     return layers
 
 
