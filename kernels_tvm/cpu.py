@@ -1,0 +1,340 @@
+"""CPU (LLVM: x86-64 and AArch64) kernels for the three ops; see KERNELS.md.
+
+The attention kernels are written as TIR loop nests whose schedule is explicit
+(`CpuSchedule` holds the knobs) rather than derived by schedule primitives: the
+data-dependent key ranges of DHSA do not fit TensorIR blocks, and the loop nest
+*is* the schedule.  One work item = (KV head, query tile); all g query heads of the
+group times QT queries form the R = g·QT rows of the tile, so every K/V tile load
+serves the whole group (GQA).  Per key tile of KT keys:
+
+1. S^T[j, r] = K[j, :] · Qt[:, r]   GEMM, register tile JB keys × RB rows
+   (Qt = the query tile transposed, pre-scaled, packed [R/RB, D, RB] once per item);
+2. softcap, masks (only on tiles that need them), online softmax vectorised over r,
+   with a polynomial exp (tirmath.fexp) — no libm call per score;
+3. O[r, :] = alpha[r]·O[r, :] + Σ_j P^T[j, r] V[j, :]   GEMM, register tile RI rows × DB dims.
+
+Work items run in a `T.parallel` loop whose order is zig-zagged (0, N-1, 1, N-2, …)
+so that TVM's contiguous static split gives each thread the same causal work.
+No buffer depends on L except the inputs/outputs: per item Qt, O [R, D], S [KT, R].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
+from .select import build_chunk_select
+from .tirmath import fexp, softcapped
+
+
+@dataclass(frozen=True)
+class CpuSchedule:
+    """The knobs of the CPU attention loop nest."""
+
+    lanes: int = 8  # fp32 lanes of one vector register
+    qt: int = 32  # queries per head in a tile (R = g * qt rows)
+    kt: int = 32  # keys per tile
+    jb: int = 4  # S-GEMM register tile: keys (broadcast) ...
+    rb: int = 16  # ... x rows (vector)
+    ri: int = 4  # PV-GEMM register tile: rows (broadcast) ...
+    db: int = 16  # ... x head dims (vector)
+    pv_d_outer: bool = False  # PV loop order: head-dim blocks outside the row blocks
+
+
+def target_lanes(target: tvm.target.Target) -> int:
+    try:
+        bits = int(codegen.llvm_get_vector_width(target))
+    except Exception:  # pragma: no cover - non-LLVM targets
+        bits = 128
+    return max(4, bits // 32)
+
+
+def schedule_for(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule:
+    """Default schedule for a target (AVX2: 8 lanes, AVX-512: 16, NEON: 4)."""
+    lanes = target_lanes(target)
+    g, d = spec.group, spec.head_dim
+    if lanes >= 16:  # AVX-512: 32 zmm registers
+        jb, rb, ri, db = 8, 32, 8, 32
+    elif lanes == 8:  # AVX2: 16 ymm registers
+        jb, rb, ri, db = 4, 16, 4, 16
+    else:  # NEON: 32 q registers of 4 lanes
+        jb, rb, ri, db = 8, 8, 8, 8
+    if spec.op == OP_DENSE:
+        qt = max(lanes, 128 // g)
+    else:
+        qt = max(lanes, min(32, 128 // g))
+    r = g * qt
+    while r % rb:
+        rb //= 2
+    while r % ri:
+        ri //= 2
+    while d % db:
+        db //= 2
+    return CpuSchedule(lanes=lanes, qt=qt, kt=32, jb=jb, rb=max(rb, 1), ri=max(ri, 1), db=max(db, 1))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
+    hq, hkv, d, g = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group
+    dtype = spec.dtype
+    scale = spec.scale
+    cap = spec.cap
+    win = spec.win
+    sinks = int(spec.sinks)
+    vl, qt, kt, jb, rb, ri, db = sch.lanes, sch.qt, sch.kt, sch.jb, sch.rb, sch.ri, sch.db
+    r_rows = g * qt
+    assert r_rows % rb == 0 and r_rows % ri == 0 and r_rows % vl == 0 and qt % vl == 0
+    assert kt % jb == 0 and d % db == 0
+    nrb = r_rows // rb
+    nri = r_rows // ri
+    ndb = d // db
+    nrv = r_rows // vl
+    # window as "p - j <= winm1"; without a window a bound no position reaches
+    winm1 = win - 1 if win > 0 else (1 << 30)
+    neg_inf = -3.0e38  # finite "minus infinity": keeps the max/exp arithmetic NaN-free
+    sym = SYMBOL[OP_SPARSE if sparse else OP_DENSE]
+    pv_d_outer = sch.pv_d_outer
+
+    def score(x):
+        return softcapped(x, cap)
+
+    @T.macro
+    def tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, need_mask):
+        # 1. S^T = K_tile Qt
+        for rbo in range(nrb):
+            for jbo in range((kn + jb - 1) // jb):
+                acc = T.alloc_buffer((jb, rb), "float32", scope="local")
+                for jj in T.unroll(jb):
+                    for rr in T.vectorized(rb):
+                        acc[jj, rr] = T.float32(0)
+                for dd in range(d):
+                    for jj in T.unroll(jb):
+                        for rr in T.vectorized(rb):
+                            acc[jj, rr] = acc[jj, rr] + T.Cast(
+                                "float32", K[h, T.min(j0 + jbo * jb + jj, Lk - 1), dd]
+                            ) * Qt[rbo, dd, rr]
+                for jj in T.unroll(jb):
+                    for rr in T.vectorized(rb):
+                        S[jbo * jb + jj, rbo * rb + rr] = acc[jj, rr]
+        # 2. softcap, mask, online softmax (vectorised over rows)
+        for rv in range(nrv):
+            mt = T.alloc_buffer((vl,), "float32", scope="local")
+            ls = T.alloc_buffer((vl,), "float32", scope="local")
+            for lane in T.vectorized(vl):
+                mt[lane] = m[rv * vl + lane]
+                ls[lane] = T.float32(0)
+            if need_mask:
+                for j in range(kn):
+                    for lane in T.vectorized(vl):
+                        S[j, rv * vl + lane] = T.Select(
+                            (j0 + j <= qa + (rv * vl) % qt + lane)
+                            and (qa + (rv * vl) % qt + lane - (j0 + j) <= winm1),
+                            score(S[j, rv * vl + lane]),
+                            T.float32(neg_inf),
+                        )
+                        mt[lane] = T.max(mt[lane], S[j, rv * vl + lane])
+            else:
+                for j in range(kn):
+                    for lane in T.vectorized(vl):
+                        S[j, rv * vl + lane] = score(S[j, rv * vl + lane])
+                        mt[lane] = T.max(mt[lane], S[j, rv * vl + lane])
+            for lane in T.vectorized(vl):
+                # rows that saw no visible key yet keep m = -big; exp(-big - (-big)) must not be 1
+                alpha[rv * vl + lane] = T.Select(
+                    mt[lane] > T.float32(-1.0e38), fexp(m[rv * vl + lane] - mt[lane]), T.float32(1.0)
+                )
+            for j in range(kn):
+                for lane in T.vectorized(vl):
+                    S[j, rv * vl + lane] = T.Select(
+                        S[j, rv * vl + lane] > T.float32(-1.0e38),
+                        fexp(S[j, rv * vl + lane] - mt[lane]),
+                        T.float32(0),
+                    )
+                    ls[lane] = ls[lane] + S[j, rv * vl + lane]
+            for lane in T.vectorized(vl):
+                l[rv * vl + lane] = l[rv * vl + lane] * alpha[rv * vl + lane] + ls[lane]
+                m[rv * vl + lane] = mt[lane]
+        # 3. O = alpha * O + P V
+        if pv_d_outer:
+            for dbo in range(ndb):
+                for rio in range(nri):
+                    acc2 = T.alloc_buffer((ri, db), "float32", scope="local")
+                    for ii in T.unroll(ri):
+                        for dv in T.vectorized(db):
+                            acc2[ii, dv] = O[rio * ri + ii, dbo * db + dv] * alpha[rio * ri + ii]
+                    for j in range(kn):
+                        for ii in T.unroll(ri):
+                            for dv in T.vectorized(db):
+                                acc2[ii, dv] = acc2[ii, dv] + S[j, rio * ri + ii] * T.Cast(
+                                    "float32", V[h, j0 + j, dbo * db + dv]
+                                )
+                    for ii in T.unroll(ri):
+                        for dv in T.vectorized(db):
+                            O[rio * ri + ii, dbo * db + dv] = acc2[ii, dv]
+        else:
+            for rio in range(nri):
+                for dbo in range(ndb):
+                    acc2 = T.alloc_buffer((ri, db), "float32", scope="local")
+                    for ii in T.unroll(ri):
+                        for dv in T.vectorized(db):
+                            acc2[ii, dv] = O[rio * ri + ii, dbo * db + dv] * alpha[rio * ri + ii]
+                    for j in range(kn):
+                        for ii in T.unroll(ri):
+                            for dv in T.vectorized(db):
+                                acc2[ii, dv] = acc2[ii, dv] + S[j, rio * ri + ii] * T.Cast(
+                                    "float32", V[h, j0 + j, dbo * db + dv]
+                                )
+                    for ii in T.unroll(ri):
+                        for dv in T.vectorized(db):
+                            O[rio * ri + ii, dbo * db + dv] = acc2[ii, dv]
+
+    @T.macro
+    def key_range(h, s0, e0, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk):
+        # keys [s, e) against query rows at positions [qa, qb); clip to causal limit and window
+        s = T.Bind(T.max(s0, qa - winm1))
+        e = T.Bind(T.min(e0, qb))
+        if e > s:
+            for t in range((e - s + kt - 1) // kt):
+                j0 = T.Bind(s + t * kt)
+                kn = T.Bind(T.min(kt, e - j0))
+                if (kn < kt) or (j0 + kt - 1 > qa) or (j0 <= qb - 1 - winm1 - 1):
+                    tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, True)
+                else:
+                    tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, False)
+
+    @T.macro
+    def prologue(h, qa, qb, qoff, Q, Qt, O, m, l):
+        # pack Qt[R/RB, D, RB] = scale * q (rows beyond qb are zero), reset O, m, l
+        for rbo in range(nrb):
+            for dd in range(d):
+                for rr in T.vectorized(rb):
+                    Qt[rbo, dd, rr] = T.Select(
+                        qa + (rbo * rb + rr) % qt < qb,
+                        T.Cast(
+                            "float32",
+                            Q[
+                                h * g + (rbo * rb + rr) // qt,
+                                T.min(qa + (rbo * rb + rr) % qt, qb - 1) - qoff,
+                                dd,
+                            ],
+                        )
+                        * T.float32(scale),
+                        T.float32(0),
+                    )
+        for rr in range(r_rows):
+            for dd in T.vectorized(d):
+                O[rr, dd] = T.float32(0)
+        for rr in T.vectorized(r_rows):
+            m[rr] = T.float32(neg_inf)
+            l[rr] = T.float32(0)
+
+    @T.macro
+    def epilogue(h, qa, qb, qoff, O, l, OUT):
+        for gi in range(g):
+            for qi in range(qb - qa):
+                for dd in T.vectorized(d):
+                    OUT[h * g + gi, qa + qi - qoff, dd] = T.Cast(dtype, O[gi * qt + qi, dd] / l[gi * qt + qi])
+
+    if sparse:
+
+        @T.prim_func
+        def sparse_attention(
+            q_h: T.handle, k_h: T.handle, v_h: T.handle, b_h: T.handle, sel_h: T.handle, nsel_h: T.handle,
+            o_h: T.handle,
+        ):
+            T.func_attr({"global_symbol": sym, "tirx.noalias": True})
+            Lq = T.int32()
+            Lk = T.int32()
+            Nc1 = T.int32()
+            Nq = T.int32()
+            M = T.int32()
+            Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
+            K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
+            V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
+            B = T.match_buffer(b_h, (Nc1,), "int32")
+            SEL = T.match_buffer(sel_h, (hkv, Nq, M), "int32")
+            NSEL = T.match_buffer(nsel_h, (hkv, Nq), "int32")
+            OUT = T.match_buffer(o_h, (hq, Lq, d), dtype)
+            for w in T.parallel(hkv * Nq):
+                h = T.Bind(w % hkv)
+                t2 = T.Bind(w // hkv)
+                c = T.Bind(T.Select(t2 % 2 == 0, t2 // 2, Nq - 1 - t2 // 2))
+                own = T.Bind(c + Nc1 - 1 - Nq)
+                qoff = T.Bind(Lk - Lq)
+                qs0 = T.Bind(T.max(B[own], qoff))
+                qe0 = T.Bind(B[own + 1])
+                Qt = T.alloc_buffer((nrb, d, rb), "float32")
+                S = T.alloc_buffer((kt, r_rows), "float32")
+                O = T.alloc_buffer((r_rows, d), "float32")
+                m = T.alloc_buffer((r_rows,), "float32")
+                l = T.alloc_buffer((r_rows,), "float32")
+                alpha = T.alloc_buffer((r_rows,), "float32")
+                cur = T.alloc_buffer((2,), "int32", scope="local")
+                for sub in range((qe0 - qs0 + qt - 1) // qt):
+                    qa = T.Bind(qs0 + sub * qt)
+                    qb = T.Bind(T.min(qa + qt, qe0))
+                    prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
+                    # merged key ranges: sinks, then kept chunks ascending (adjacent ones merged)
+                    cur[0] = 0
+                    cur[1] = T.min(sinks, qb)
+                    for i in range(NSEL[h, c]):
+                        xs = T.Bind(T.max(B[SEL[h, c, i]], sinks))
+                        xe = T.Bind(B[SEL[h, c, i] + 1])
+                        if xe > xs:
+                            if xs == cur[1]:
+                                cur[1] = xe
+                            else:
+                                if cur[1] > cur[0]:
+                                    key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                                cur[0] = xs
+                                cur[1] = xe
+                    key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                    epilogue(h, qa, qb, qoff, O, l, OUT)
+
+        return sparse_attention
+
+    @T.prim_func
+    def dense_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": sym, "tirx.noalias": True})
+        Lq = T.int32()
+        Lk = T.int32()
+        Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
+        K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
+        V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
+        OUT = T.match_buffer(o_h, (hq, Lq, d), dtype)
+        for w in T.parallel(hkv * ((Lq + qt - 1) // qt)):
+            h = T.Bind(w % hkv)
+            t2 = T.Bind(w // hkv)
+            ntile = T.Bind((Lq + qt - 1) // qt)
+            c = T.Bind(T.Select(t2 % 2 == 0, t2 // 2, ntile - 1 - t2 // 2))
+            qoff = T.Bind(Lk - Lq)
+            qa = T.Bind(qoff + c * qt)
+            qb = T.Bind(T.min(qa + qt, Lk))
+            Qt = T.alloc_buffer((nrb, d, rb), "float32")
+            S = T.alloc_buffer((kt, r_rows), "float32")
+            O = T.alloc_buffer((r_rows, d), "float32")
+            m = T.alloc_buffer((r_rows,), "float32")
+            l = T.alloc_buffer((r_rows,), "float32")
+            alpha = T.alloc_buffer((r_rows,), "float32")
+            prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
+            key_range(h, 0, qb, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+            epilogue(h, qa, qb, qoff, O, l, OUT)
+
+    return dense_attention
+
+
+def build(spec: KernelSpec, target: tvm.target.Target, schedule: CpuSchedule | None = None) -> tvm.IRModule:
+    """IRModule with one PrimFunc named SYMBOL[spec.op] (parameters abi.ARGS[spec.op])."""
+    if isinstance(target, dict | str):
+        target = tvm.target.Target(target)
+    if spec.op == OP_SELECT:
+        return build_chunk_select(spec, lanes=target_lanes(target))
+    sch = schedule or schedule_for(spec, target)
+    func = _attention_primfunc(spec, sch, sparse=spec.op == OP_SPARSE)
+    return tvm.IRModule({SYMBOL[spec.op]: func})

@@ -1,0 +1,396 @@
+"""GPU schedules (OpenCL for Mali/Adreno, CUDA for Jetson and desktop) of the three DHSA kernels.
+
+Same ABI as the CPU kernels (KERNELS.md, :mod:`.abi`): one PrimFunc per op,
+named ``SYMBOL[op]`` with the parameters ``ARGS[op]``.  The schedules are
+written by hand with explicit thread binding, because the loop structure is
+data dependent (key ranges read from ``sel``/``boundaries``), which TVM's
+automatic GPU rules (dlight) do not handle.
+
+Attention (sparse and dense), one work-group per (KV head, query tile):
+
+* ``blockIdx.x`` = KV head × query chunk (sparse) or KV head × query tile (dense);
+  ``threadIdx.x`` = TQ query rows × the g query heads of the group, so one K/V
+  tile in shared (local) memory serves every query head of the group (GQA).
+* Keys stream through shared memory in tiles of TK (chosen so 2·TK·D floats fit
+  the target's ``max_shared_memory_per_block``: 16 KiB on Mali/Adreno, 48 KiB CUDA).
+* Each thread keeps its query row's accumulator in registers and runs the
+  online softmax per key tile (one rescale per tile), so no L×L buffer exists.
+* Sparse: the key loop runs over the sinks range ``[0, min(sinks, Lk))`` and the
+  kept chunks ``sel[h, c, :nsel]`` cut to start after the sinks (the union of
+  the reference's key ranges, without double counting).
+
+Selection: two kernels in one PrimFunc.  (1) pooled keys k̄ [Hkv, Nc, D] (one
+work-group per key chunk and KV head, threads over D); (2) one thread per
+(KV head, query chunk) row: pooled group query, scores against k̄ for the
+chunks before its own, an insertion top-list of capacity M, the greedy prefix
+under the budget and the ascending sort: exactly :func:`edgeattn.dhsa.select_for`.
+
+Arithmetic is float32; with ``dtype="float16"`` inputs/outputs are half and
+loads are widened to float32 (accumulation stays float32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+from tvm.script import tirx as T
+
+from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
+
+NEG = -3.0e38  # "minus infinity" that keeps exp() and max() finite (no inf arithmetic on GPUs)
+
+
+def _target_limit(target: Any, key: str, default: int) -> int:
+    if target is None:
+        return default
+    value = target.attrs.get(key, None)
+    return int(value) if value is not None else default
+
+
+def _pow2_floor(x: int) -> int:
+    p = 1
+    while p * 2 <= x:
+        p *= 2
+    return p
+
+
+def attention_tiles(spec: KernelSpec, target: Any = None) -> tuple[int, int]:
+    """(TQ query rows per work-group, TK keys per shared-memory tile) for ``spec`` on ``target``.
+
+    TQ·g threads must fit ``max_num_threads``; 2·TK·D float32 values must fit
+    ``max_shared_memory_per_block``.  Defaults are the mobile-GPU limits
+    (256 threads, 16 KiB), which every listed target meets.
+    """
+    max_threads = _target_limit(target, "max_num_threads", 256)
+    max_shared = _target_limit(target, "max_shared_memory_per_block", 16384)
+    g = spec.group
+    if g > max_threads:
+        raise ValueError(f"GQA group of {g} query heads exceeds the target's {max_threads} threads per work-group")
+    tq = max(1, min(64, _pow2_floor(max_threads // g)))
+    tk = _pow2_floor(max(1, max_shared // (2 * 4 * spec.head_dim)))
+    tk = max(1, min(32, tk))
+    return tq, tk
+
+
+# ------------------------------------------------------------------ attention
+
+
+def _attention_macros(spec: KernelSpec, tq: int, tk: int) -> tuple[Any, Any, Any]:
+    """TVMScript macros shared by the sparse and the dense kernel: init, one key tile, store."""
+    d, g = spec.head_dim, spec.group
+    scale, cap = spec.scale, spec.cap
+    win = spec.win if spec.win > 0 else 1 << 30  # "no window" = a window wider than any sequence
+    nthr = tq * g
+    nload = (tk * d + nthr - 1) // nthr
+
+    @T.macro
+    def init_row(acc, st):
+        for dd in range(d):
+            acc[dd] = T.float32(0)
+        st[0] = T.float32(NEG)  # running max
+        st[1] = T.float32(0)  # running sum
+
+    @T.macro
+    def key_tile(K, V, Ks, Vs, acc, st, sc, Q, h, tx, qrow, qpos, qoff, active, k0, k1):
+        # cooperative load of keys [k0, k0 + tk) ∩ [.., k1) (all threads, uniform control flow)
+        for li in range(nload):
+            e = li * nthr + tx
+            if e < tk * d:
+                if k0 + e // d < k1:
+                    Ks[e // d, e % d] = T.Cast("float32", K[h, k0 + e // d, e % d])
+                    Vs[e // d, e % d] = T.Cast("float32", V[h, k0 + e // d, e % d])
+        T.tvm_storage_sync("shared")
+        if active:
+            st[2] = st[0]  # tile max
+            for j in range(tk):
+                sc[j] = T.float32(NEG)
+                if k0 + j < k1 and k0 + j <= qpos and qpos - (k0 + j) < win:
+                    sc[j] = T.float32(0)
+                    for dd in range(d):
+                        sc[j] = sc[j] + T.Cast("float32", Q[qrow, qpos - qoff, dd]) * Ks[j, dd]
+                    sc[j] = sc[j] * T.float32(scale)
+                    if cap > 0:
+                        sc[j] = T.float32(cap) * T.tanh(sc[j] * T.float32(1.0 / cap))
+                    st[2] = T.max(st[2], sc[j])
+            if st[2] > T.float32(NEG):
+                st[3] = T.exp(st[0] - st[2])  # rescale of the old state
+                st[1] = st[1] * st[3]
+                for dd in range(d):
+                    acc[dd] = acc[dd] * st[3]
+                for j in range(tk):
+                    if sc[j] > T.float32(NEG):
+                        st[3] = T.exp(sc[j] - st[2])
+                        st[1] = st[1] + st[3]
+                        for dd in range(d):
+                            acc[dd] = acc[dd] + st[3] * Vs[j, dd]
+                st[0] = st[2]
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def store_row(O, acc, st, qrow, qi):
+        for dd in range(d):
+            O[qrow, qi, dd] = T.Cast(O.dtype, acc[dd] / st[1])
+
+    return init_row, key_tile, store_row
+
+
+def build_sparse_attention(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
+    """``dhsa_sparse_attention(q, k, v, boundaries, sel, nsel, out)`` with GPU thread binding."""
+    if spec.op != OP_SPARSE:
+        raise ValueError(f"build_sparse_attention needs op {OP_SPARSE}, got {spec.op}")
+    hq, hkv, d, g, dtype = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group, spec.dtype
+    tq, tk = attention_tiles(spec, target)
+    nthr = tq * g
+    sinks = int(spec.sinks)
+    init_row, key_tile, store_row = _attention_macros(spec, tq, tk)
+
+    @T.prim_func
+    def dhsa_sparse_attention(
+        q: T.handle, k: T.handle, v: T.handle, boundaries: T.handle, sel: T.handle, nsel: T.handle, out: T.handle
+    ):
+        T.func_attr({"global_symbol": SYMBOL[OP_SPARSE], "tirx.noalias": True})
+        Lq = T.int32()
+        Lk = T.int32()
+        Nc1 = T.int32()
+        Nq = T.int32()
+        M = T.int32()
+        Q = T.match_buffer(q, (hq, Lq, d), dtype)
+        K = T.match_buffer(k, (hkv, Lk, d), dtype)
+        V = T.match_buffer(v, (hkv, Lk, d), dtype)
+        B = T.match_buffer(boundaries, (Nc1,), "int32")
+        SEL = T.match_buffer(sel, (hkv, Nq, M), "int32")
+        NSEL = T.match_buffer(nsel, (hkv, Nq), "int32")
+        O = T.match_buffer(out, (hq, Lq, d), dtype)
+        for bx in T.thread_binding(hkv * Nq, thread="blockIdx.x"):
+            for tx in T.thread_binding(nthr, thread="threadIdx.x"):
+                Ks = T.alloc_buffer((tk, d), "float32", scope="shared")
+                Vs = T.alloc_buffer((tk, d), "float32", scope="shared")
+                acc = T.alloc_buffer((d,), "float32", scope="local")
+                st = T.alloc_buffer((4,), "float32", scope="local")
+                sc = T.alloc_buffer((tk,), "float32", scope="local")
+                h = bx // Nq
+                c = bx % Nq
+                own = c + (Nc1 - 1) - Nq
+                qs = T.max(B[own], Lk - Lq)
+                qe = B[own + 1]
+                s_end = T.min(sinks, Lk)
+                qrow = h * g + tx // tq
+                for qt in range((qe - qs + tq - 1) // tq):
+                    qpos = qs + qt * tq + tx % tq
+                    init_row(acc, st)
+                    for seg in range(NSEL[h, c] + 1):
+                        x = SEL[h, c, T.max(seg - 1, 0)]
+                        k0 = T.if_then_else(seg == 0, 0, T.max(B[x], s_end))
+                        k1 = T.if_then_else(seg == 0, s_end, B[x + 1])
+                        for kt in range(T.max(k1 - k0 + tk - 1, 0) // tk):
+                            key_tile(
+                                K, V, Ks, Vs, acc, st, sc, Q, h, tx, qrow, qpos, Lk - Lq, qpos < qe, k0 + kt * tk, k1
+                            )
+                    if qpos < qe:
+                        store_row(O, acc, st, qrow, qpos - (Lk - Lq))
+
+    return tvm.IRModule({SYMBOL[OP_SPARSE]: dhsa_sparse_attention})
+
+
+def build_dense_attention(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
+    """``dense_flash_attention(q, k, v, out)``: causal flash attention with GPU thread binding."""
+    if spec.op != OP_DENSE:
+        raise ValueError(f"build_dense_attention needs op {OP_DENSE}, got {spec.op}")
+    hq, hkv, d, g, dtype = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group, spec.dtype
+    tq, tk = attention_tiles(spec, target)
+    nthr = tq * g
+    win = spec.win if spec.win > 0 else 1 << 30
+    init_row, key_tile, store_row = _attention_macros(spec, tq, tk)
+
+    @T.prim_func
+    def dense_flash_attention(q: T.handle, k: T.handle, v: T.handle, out: T.handle):
+        T.func_attr({"global_symbol": SYMBOL[OP_DENSE], "tirx.noalias": True})
+        Lq = T.int32()
+        Lk = T.int32()
+        Q = T.match_buffer(q, (hq, Lq, d), dtype)
+        K = T.match_buffer(k, (hkv, Lk, d), dtype)
+        V = T.match_buffer(v, (hkv, Lk, d), dtype)
+        O = T.match_buffer(out, (hq, Lq, d), dtype)
+        for bx in T.thread_binding(hkv * ((Lq + tq - 1) // tq), thread="blockIdx.x"):
+            for tx in T.thread_binding(nthr, thread="threadIdx.x"):
+                Ks = T.alloc_buffer((tk, d), "float32", scope="shared")
+                Vs = T.alloc_buffer((tk, d), "float32", scope="shared")
+                acc = T.alloc_buffer((d,), "float32", scope="local")
+                st = T.alloc_buffer((4,), "float32", scope="local")
+                sc = T.alloc_buffer((tk,), "float32", scope="local")
+                ntiles = (Lq + tq - 1) // tq
+                h = bx // ntiles
+                first = (Lk - Lq) + (bx % ntiles) * tq  # absolute position of the tile's first query
+                last = T.min(first + tq, Lk)  # one past the tile's last query
+                lo = T.max(first - win + 1, 0)
+                qrow = h * g + tx // tq
+                qpos = first + tx % tq
+                init_row(acc, st)
+                for kt in range((last - lo + tk - 1) // tk):
+                    key_tile(K, V, Ks, Vs, acc, st, sc, Q, h, tx, qrow, qpos, Lk - Lq, qpos < last, lo + kt * tk, last)
+                if qpos < last:
+                    store_row(O, acc, st, qrow, qpos - (Lk - Lq))
+
+    return tvm.IRModule({SYMBOL[OP_DENSE]: dense_flash_attention})
+
+
+# ------------------------------------------------------------------ selection
+
+
+def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
+    """``dhsa_chunk_select(q, k, boundaries, sel, nsel)``: pooling kernel, then one thread per row."""
+    if spec.op != OP_SELECT:
+        raise ValueError(f"build_chunk_select needs op {OP_SELECT}, got {spec.op}")
+    hq, hkv, d, g, dtype = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group, spec.dtype
+    budget, sinks, normalize = int(spec.budget), int(spec.sinks), bool(spec.normalize)
+    max_threads = _target_limit(target, "max_num_threads", 256)
+    tp = min(_pow2_floor(d), 64, max_threads)  # threads over D in the pooling kernel
+    npool = (d + tp - 1) // tp
+    rt = min(32, max_threads)  # rows per work-group in the selection kernel
+    ginv = 1.0 / g
+
+    @T.prim_func
+    def dhsa_chunk_select(q: T.handle, k: T.handle, boundaries: T.handle, sel: T.handle, nsel: T.handle):
+        T.func_attr({"global_symbol": SYMBOL[OP_SELECT], "tirx.noalias": True})
+        Lq = T.int32()
+        Lk = T.int32()
+        Nc1 = T.int32()
+        Nq = T.int32()
+        M = T.int32()
+        Q = T.match_buffer(q, (hq, Lq, d), dtype)
+        K = T.match_buffer(k, (hkv, Lk, d), dtype)
+        B = T.match_buffer(boundaries, (Nc1,), "int32")
+        SEL = T.match_buffer(sel, (hkv, Nq, M), "int32")
+        NSEL = T.match_buffer(nsel, (hkv, Nq), "int32")
+        kbar = T.alloc_buffer((hkv, Nc1 - 1, d), "float32")
+        topv = T.alloc_buffer((hkv, Nq, M), "float32")
+        # ---- kernel 0: clear the top-list scores.  Also keeps ``topv`` a function-level workspace: a
+        # global buffer used inside one thread-bound kernel only is compacted to a per-thread region
+        # by TVM 0.27's CompactBufferAllocation, with wrong offsets.
+        for bz in T.thread_binding(hkv * Nq, thread="blockIdx.x"):
+            for tz in T.thread_binding(rt, thread="threadIdx.x"):
+                for i in range((M + rt - 1) // rt):
+                    if i * rt + tz < M:
+                        topv[bz // Nq, bz % Nq, i * rt + tz] = T.float32(NEG)
+        # ---- kernel 1: pooled keys
+        for bp in T.thread_binding(hkv * (Nc1 - 1), thread="blockIdx.x"):
+            for tp_ in T.thread_binding(tp, thread="threadIdx.x"):
+                acc = T.alloc_buffer((1,), "float32", scope="local")
+                hp = bp // (Nc1 - 1)
+                xp = bp % (Nc1 - 1)
+                for p in range(npool):
+                    if p * tp + tp_ < d:
+                        acc[0] = T.float32(0)
+                        for t in range(B[xp + 1] - B[xp]):
+                            acc[0] = acc[0] + T.Cast("float32", K[hp, B[xp] + t, p * tp + tp_])
+                        if normalize:
+                            kbar[hp, xp, p * tp + tp_] = acc[0] * T.rsqrt(T.Cast("float32", B[xp + 1] - B[xp]))
+                        else:
+                            kbar[hp, xp, p * tp + tp_] = acc[0] / T.Cast("float32", B[xp + 1] - B[xp])
+        # ---- kernel 2: one thread per (KV head, query chunk) row
+        for bx in T.thread_binding((hkv * Nq + rt - 1) // rt, thread="blockIdx.x"):
+            for tx in T.thread_binding(rt, thread="threadIdx.x"):
+                qbar = T.alloc_buffer((d,), "float32", scope="local")
+                sv = T.alloc_buffer((2,), "float32", scope="local")  # score, q scale
+                iv = T.alloc_buffer((5,), "int32", scope="local")  # cnt (later: flag), pos, go, used, kept
+                row = T.min(bx * rt + tx, hkv * Nq - 1)  # clamped: the tail threads recompute the last row
+                h = row // Nq
+                c = row % Nq
+                own = c + (Nc1 - 1) - Nq
+                ks = B[own]
+                ke = B[own + 1]
+                qs = T.max(ks, Lk - Lq)
+                if bx * rt + tx < hkv * Nq:
+                    for dd in range(d):
+                        qbar[dd] = T.float32(0)
+                    for gi in range(g):
+                        for t in range(ke - qs):
+                            for dd in range(d):
+                                qbar[dd] = qbar[dd] + T.Cast("float32", Q[h * g + gi, qs + t - (Lk - Lq), dd])
+                    if normalize:
+                        sv[1] = T.rsqrt(T.Cast("float32", ke - qs)) * T.float32(ginv)
+                    else:
+                        sv[1] = T.float32(ginv) / T.Cast("float32", ke - qs)
+                    for dd in range(d):
+                        qbar[dd] = qbar[dd] * sv[1]
+                    # top-list (descending score, ties: lower chunk id first) over the chunks before own
+                    iv[0] = 0
+                    for x in range(own):
+                        sv[0] = T.float32(0)
+                        for dd in range(d):
+                            sv[0] = sv[0] + qbar[dd] * kbar[h, x, dd]
+                        if iv[0] < M or sv[0] > topv[h, c, M - 1]:
+                            iv[1] = T.min(iv[0], M - 1)
+                            iv[2] = 1
+                            while iv[2] == 1:
+                                if iv[1] > 0:
+                                    if topv[h, c, iv[1] - 1] < sv[0]:
+                                        topv[h, c, iv[1]] = topv[h, c, iv[1] - 1]
+                                        SEL[h, c, iv[1]] = SEL[h, c, iv[1] - 1]
+                                        iv[1] = iv[1] - 1
+                                    else:
+                                        iv[2] = 0
+                                else:
+                                    iv[2] = 0
+                            topv[h, c, iv[1]] = sv[0]
+                            SEL[h, c, iv[1]] = x
+                            iv[0] = T.min(iv[0] + 1, M)
+                    # greedy prefix of the order under the budget
+                    iv[3] = 0
+                    iv[4] = 0
+                    iv[2] = 1
+                    for i in range(iv[0]):
+                        if iv[2] == 1:
+                            xs = B[SEL[h, c, i]]
+                            xe = B[SEL[h, c, i] + 1]
+                            charge = (xe - xs) - T.max(T.min(xe, sinks) - T.min(xs, sinks), 0)
+                            if iv[3] + charge <= budget - (ke - ks) - T.min(ks, sinks):
+                                iv[3] = iv[3] + charge
+                                iv[4] = iv[4] + 1
+                            else:
+                                iv[2] = 0
+                    if iv[4] >= M:
+                        NSEL[h, c] = -1
+                        for i in range(M):
+                            SEL[h, c, i] = -1
+                    else:
+                        # kept ids ascending (insertion sort), then own, then -1
+                        for i in range(1, iv[4]):
+                            # (a flag loop: a while condition reading buffers with let-bound
+                            # indices fails TVM 0.27's buffer flattening on GPU targets)
+                            iv[1] = i
+                            iv[2] = SEL[h, c, i]
+                            iv[0] = 1
+                            while iv[0] == 1:
+                                if iv[1] > 0:
+                                    if SEL[h, c, iv[1] - 1] > iv[2]:
+                                        SEL[h, c, iv[1]] = SEL[h, c, iv[1] - 1]
+                                        iv[1] = iv[1] - 1
+                                    else:
+                                        iv[0] = 0
+                                else:
+                                    iv[0] = 0
+                            SEL[h, c, iv[1]] = iv[2]
+                        SEL[h, c, iv[4]] = own
+                        for i in range(iv[4] + 1, M):
+                            SEL[h, c, i] = -1
+                        NSEL[h, c] = iv[4] + 1
+
+    return tvm.IRModule({SYMBOL[OP_SELECT]: dhsa_chunk_select})
+
+
+_BUILDERS = {OP_SELECT: build_chunk_select, OP_SPARSE: build_sparse_attention, OP_DENSE: build_dense_attention}
+
+
+def build(spec: KernelSpec, target: Any) -> tvm.IRModule:
+    """The GPU kernel for ``spec`` (KERNELS.md builder contract), scheduled for ``target``'s limits.
+
+    ``target`` is a ``tvm.target.Target`` of kind opencl or cuda (its thread and
+    shared-memory limits size the tiles); decode specs get the prefill kernel,
+    which is correct for Lq = 1.
+    """
+    kind = target.kind.name if target is not None else None
+    if kind not in ("opencl", "cuda"):
+        raise ValueError(f"gpu_kernels.build needs an opencl or cuda target, got {kind!r}; CPU targets use cpu.build")
+    return _BUILDERS[spec.op](spec, target)

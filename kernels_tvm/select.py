@@ -1,0 +1,182 @@
+"""DHSAChunkSelect: chunk pooling, chunk scores and budgeted selection in TIR.
+
+Semantics are exactly those of :func:`edgeattn.dhsa.select_for` (see KERNELS.md):
+
+1. k̄[h, x] = pool of K over key chunk x (mean × sqrt(len) for DHSA, plain mean for
+   block-sparse); q̄[h, c] = the same pool of the queries of query chunk c (the key
+   chunk ``own = c + Nc - Nq`` cut to the query range), averaged over the g query
+   heads of KV head h.
+2. score[x] = q̄ · k̄[x] for the key chunks x < own.
+3. Candidates in score order (descending; ties: lower chunk id first) are kept while
+   their running token charge (chunk length minus its overlap with the sinks) fits in
+   ``budget - len(own) - min(start(own), sinks)``: a prefix of the order.
+4. Output: kept ids ascending, then ``own``; tail filled with -1; nsel = count.
+
+No sort library: the candidates go through an insertion top-list of capacity M (the
+width of ``sel``, :func:`abi.max_selected` guarantees the kept prefix fits), which
+costs O(Nc) per row plus O(M) per insertion.  The whole kernel is O(L·D + Nc²·D/2)
+work and O(Nc·D + Nq·M) memory: no L² buffer.  It runs in TIR on every target; the
+loops are written for CPUs (parallel over chunk rows).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+from .abi import OP_SELECT, SYMBOL, KernelSpec
+
+
+def _lanes(d: int, maxl: int = 8) -> int:
+    for v in (16, 8, 4, 2, 1):
+        if v <= maxl and d % v == 0:
+            return v
+    return 1
+
+
+def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
+    """IRModule with one PrimFunc ``dhsa_chunk_select(q, k, boundaries, sel, nsel)``."""
+    if spec.op != OP_SELECT:
+        raise ValueError(f"build_chunk_select needs op {OP_SELECT}, got {spec.op}")
+    hq, hkv, d, g = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group
+    dtype = spec.dtype
+    budget, sinks = int(spec.budget), int(spec.sinks)
+    normalize = bool(spec.normalize)
+    vl = _lanes(d, lanes)
+    nd = d // vl
+    ginv = 1.0 / g
+
+    @T.prim_func
+    def dhsa_chunk_select(q_h: T.handle, k_h: T.handle, b_h: T.handle, sel_h: T.handle, nsel_h: T.handle):
+        T.func_attr({"global_symbol": SYMBOL[OP_SELECT], "tirx.noalias": True})
+        Lq = T.int32()
+        Lk = T.int32()
+        Nc1 = T.int32()
+        Nq = T.int32()
+        M = T.int32()
+        Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
+        K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
+        B = T.match_buffer(b_h, (Nc1,), "int32")
+        SEL = T.match_buffer(sel_h, (hkv, Nq, M), "int32")
+        NSEL = T.match_buffer(nsel_h, (hkv, Nq), "int32")
+        kbar = T.alloc_buffer((hkv, Nc1 - 1, d), "float32")
+        topv = T.alloc_buffer((hkv, Nq, M), "float32")
+        # ---- 1. key-chunk pooling
+        for x in T.parallel(Nc1 - 1):
+            for h in range(hkv):
+                for d0 in range(nd):
+                    acc = T.alloc_buffer((vl,), "float32", scope="local")
+                    for dv in T.vectorized(vl):
+                        acc[dv] = T.float32(0)
+                    for t in range(B[x + 1] - B[x]):
+                        for dv in T.vectorized(vl):
+                            acc[dv] = acc[dv] + T.Cast("float32", K[h, B[x] + t, d0 * vl + dv])
+                    for dv in T.vectorized(vl):
+                        if normalize:
+                            kbar[h, x, d0 * vl + dv] = acc[dv] * T.rsqrt(T.Cast("float32", B[x + 1] - B[x]))
+                        else:
+                            kbar[h, x, d0 * vl + dv] = acc[dv] / T.Cast("float32", B[x + 1] - B[x])
+        # ---- 2.-4. one row (KV head, query chunk) at a time
+        for hc in T.parallel(hkv * Nq):
+            hh = T.Bind(hc // Nq)
+            c = T.Bind(hc % Nq)
+            own = T.Bind(c + (Nc1 - 1) - Nq)
+            ks = T.Bind(B[own])
+            ke = T.Bind(B[own + 1])
+            qs = T.Bind(T.max(ks, Lk - Lq))
+            qbar = T.alloc_buffer((d,), "float32", scope="local")
+            for dd in T.vectorized(d):
+                qbar[dd] = T.float32(0)
+            for gi in range(g):
+                for t in range(ke - qs):
+                    for d0 in range(nd):
+                        for dv in T.vectorized(vl):
+                            qbar[d0 * vl + dv] = qbar[d0 * vl + dv] + T.Cast(
+                                "float32", Q[hh * g + gi, qs + t - (Lk - Lq), d0 * vl + dv]
+                            )
+            qscale = T.alloc_buffer((1,), "float32", scope="local")
+            if normalize:
+                qscale[0] = T.rsqrt(T.Cast("float32", ke - qs)) * T.float32(ginv)
+            else:
+                qscale[0] = T.float32(ginv) / T.Cast("float32", ke - qs)
+            for dd in T.vectorized(d):
+                qbar[dd] = qbar[dd] * qscale[0]
+            # top-list insertion over candidates x < own (descending score, ties: lower id first)
+            cnt = T.alloc_buffer((1,), "int32", scope="local")
+            pos = T.alloc_buffer((1,), "int32", scope="local")
+            go = T.alloc_buffer((1,), "int32", scope="local")
+            sc = T.alloc_buffer((1,), "float32", scope="local")
+            part = T.alloc_buffer((vl,), "float32", scope="local")
+            cnt[0] = 0
+            for x in range(own):
+                for dv in T.vectorized(vl):
+                    part[dv] = T.float32(0)
+                for d0 in range(nd):
+                    for dv in T.vectorized(vl):
+                        part[dv] = part[dv] + qbar[d0 * vl + dv] * kbar[hh, x, d0 * vl + dv]
+                sc[0] = T.float32(0)
+                for dv in range(vl):
+                    sc[0] = sc[0] + part[dv]
+                go[0] = 0
+                if cnt[0] < M:
+                    go[0] = 1
+                elif sc[0] > topv[hh, c, M - 1]:
+                    go[0] = 1
+                if go[0] == 1:
+                    pos[0] = T.min(cnt[0], M - 1)
+                    while go[0] == 1:
+                        if pos[0] > 0:
+                            if topv[hh, c, pos[0] - 1] < sc[0]:
+                                topv[hh, c, pos[0]] = topv[hh, c, pos[0] - 1]
+                                SEL[hh, c, pos[0]] = SEL[hh, c, pos[0] - 1]
+                                pos[0] = pos[0] - 1
+                            else:
+                                go[0] = 0
+                        else:
+                            go[0] = 0
+                    topv[hh, c, pos[0]] = sc[0]
+                    SEL[hh, c, pos[0]] = x
+                    cnt[0] = T.min(cnt[0] + 1, M)
+            # greedy prefix under the budget
+            rem = T.Bind(budget - (ke - ks) - T.min(ks, sinks))
+            used = T.alloc_buffer((1,), "int32", scope="local")
+            kept = T.alloc_buffer((1,), "int32", scope="local")
+            used[0] = 0
+            kept[0] = 0
+            go[0] = 1
+            for i in range(cnt[0]):
+                if go[0] == 1:
+                    xs = T.Bind(B[SEL[hh, c, i]])
+                    xe = T.Bind(B[SEL[hh, c, i] + 1])
+                    charge = T.Bind((xe - xs) - T.max(T.min(xe, sinks) - T.min(xs, sinks), 0))
+                    if used[0] + charge <= rem:
+                        used[0] = used[0] + charge
+                        kept[0] = kept[0] + 1
+                    else:
+                        go[0] = 0
+            if kept[0] >= M:
+                NSEL[hh, c] = -1
+                for i in range(M):
+                    SEL[hh, c, i] = -1
+            else:
+                # kept ids ascending (insertion sort of the first kept[0] entries)
+                for i in range(1, kept[0]):
+                    pos[0] = i
+                    cnt[0] = SEL[hh, c, i]
+                    go[0] = 1
+                    while go[0] == 1:
+                        if pos[0] > 0:
+                            if SEL[hh, c, pos[0] - 1] > cnt[0]:
+                                SEL[hh, c, pos[0]] = SEL[hh, c, pos[0] - 1]
+                                pos[0] = pos[0] - 1
+                            else:
+                                go[0] = 0
+                        else:
+                            go[0] = 0
+                    SEL[hh, c, pos[0]] = cnt[0]
+                SEL[hh, c, kept[0]] = own
+                for i in range(kept[0] + 1, M):
+                    SEL[hh, c, i] = -1
+                NSEL[hh, c] = kept[0] + 1
+
+    return tvm.IRModule({SYMBOL[OP_SELECT]: dhsa_chunk_select})
