@@ -56,7 +56,7 @@ def run_one(
             with Timer() as t_decode:
                 for _ in range(max_new_tokens - 1):
                     step = torch.tensor([[generated[-1]]], dtype=torch.long)
-                    out = model(input_ids=step, past_key_values=cache, use_cache=True)
+                    out = model(input_ids=step, cache=cache, use_cache=True)
                     cache = out.past_key_values
                     generated.append(int(out.logits[0, -1].argmax()))
                     if generated[-1] == loaded.config.eos_token_id:
