@@ -38,7 +38,7 @@ from tvm.script import tirx as T
 
 from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
 
-NEG = -3.0e38  # "minus infinity" that keeps exp() and max() finite (no inf arithmetic on GPUs)
+NEG = -(2.0**127)  # "minus infinity" that keeps exp() and max() finite; exact in fp32 (no inf arithmetic)
 
 
 def _target_limit(target: Any, key: str, default: int) -> int:

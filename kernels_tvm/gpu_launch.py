@@ -140,7 +140,8 @@ def lower(mod: tvm.IRModule, target: Any) -> tuple[tvm.IRModule, dict[Any, tvm.I
     if target.host is None:
         target = target.with_host(tvm.target.Target({"kind": "llvm"}))
     mod = tvm.tirx.transform.BindTarget(target)(mod)
-    pipeline, _, _ = tvm.tirx.get_default_tir_pipeline(target)
+    # the pipeline tvm.compile uses (tir_pipeline="default"), for every target kind
+    pipeline, _, _ = tvm.tirx.get_tir_pipeline("default")
     return split_host_device_mods(pipeline(mod))
 
 

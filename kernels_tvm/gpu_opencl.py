@@ -72,6 +72,7 @@ class OpenCLKernelRunner:
         self.queue = cl.CommandQueue(self.context)
         self.program = cl.Program(self.context, self.source).build()
         self.last_plan: LaunchPlan | None = None
+        self._kernels: dict[str, Any] = {}
 
     def plan(self, arrays: list[np.ndarray]) -> LaunchPlan:
         return launch_plan(self.mod, self.target, arrays, lowered=self._lowered)
@@ -90,7 +91,9 @@ class OpenCLKernelRunner:
             poison.view(np.uint8)[...] = 0xFF  # NaN / -1: a kernel reading before writing shows up
             work[name] = cl.Buffer(self.context, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=poison)
         for launch in plan.launches:
-            kernel = getattr(self.program, launch.name)
+            if launch.name not in self._kernels:
+                self._kernels[launch.name] = cl.Kernel(self.program, launch.name)
+            kernel = self._kernels[launch.name]
             args: list[Any] = []
             for arg in launch.args:
                 if arg.kind == "param":

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from functools import cache
+
+import numpy as np
 import pytest
+from edgeattn.kernels_tvm import gpu_cuda, gpu_kernels
 from edgeattn.kernels_tvm import targets as T
+from edgeattn.kernels_tvm.abi import ARGS, OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL
+from edgeattn.kernels_tvm.gpu_cases import AttentionCase, make_case, rel_err
+from edgeattn.kernels_tvm.gpu_opencl import opencl_problem
 
 # ------------------------------------------------------------------ profiles
 
@@ -107,3 +114,211 @@ def test_ndk_profile_without_ndk_names_the_fix(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("TVM_NDK_CC", raising=False)
     with pytest.raises(RuntimeError, match="TVM_NDK_CC"):
         T.get_profile("opencl-adreno").fcompile()
+
+
+# ------------------------------------------------------ GPU kernels: OpenCL on PoCL
+
+
+OPENCL_PROBLEM = opencl_problem()
+needs_opencl = pytest.mark.skipif(OPENCL_PROBLEM is not None, reason=OPENCL_PROBLEM or "")
+
+
+@cache
+def _opencl_runner(target_name: str, spec):
+    from edgeattn.kernels_tvm.gpu_opencl import OpenCLKernelRunner
+
+    target = T.get_target(target_name)
+    return OpenCLKernelRunner(gpu_kernels.build(spec, target), target)
+
+
+def _check_opencl(case: AttentionCase, target_name: str = "opencl-mali", tol: float = 1e-4) -> None:
+    """Selection equal to the reference; sparse and dense within ``tol``; every output written."""
+    sel_out = _opencl_runner(target_name, case.spec(OP_SELECT))(*case.args(OP_SELECT))
+    np.testing.assert_array_equal(sel_out[3], case.sel)
+    np.testing.assert_array_equal(sel_out[4], case.nsel)
+    sparse_out = _opencl_runner(target_name, case.spec(OP_SPARSE))(*case.args(OP_SPARSE))[-1]
+    assert rel_err(sparse_out, case.ref_sparse) <= tol
+    dense_out = _opencl_runner(target_name, case.spec(OP_DENSE))(*case.args(OP_DENSE))[-1]
+    assert rel_err(dense_out, case.ref_dense) <= tol
+
+
+def test_gpu_kernels_follow_the_abi() -> None:
+    target = T.get_target("opencl-mali")
+    case = make_case(4, 2, 8, 20)
+    for op in (OP_SELECT, OP_SPARSE, OP_DENSE):
+        mod = gpu_kernels.build(case.spec(op), target)
+        (gv, func), *rest = list(mod.functions.items())
+        assert not rest and gv.name_hint == SYMBOL[op]
+        assert len(func.params) == len(ARGS[op])
+    with pytest.raises(ValueError, match="opencl or cuda"):
+        gpu_kernels.build(case.spec(OP_DENSE), T.get_target("arm64"))
+
+
+def test_tiles_fit_the_target_limits() -> None:
+    for name in ("opencl-mali", "opencl-adreno", "cuda-sm87"):
+        target = T.get_target(name)
+        for g, d in [(1, 256), (8, 256), (4, 64)]:
+            spec = make_case(g, 1, 8, 9).spec(OP_SPARSE).with_(heads_q=g, head_dim=d)
+            tq, tk = gpu_kernels.attention_tiles(spec, target)
+            assert tq * g <= int(target.attrs["max_num_threads"])
+            assert 2 * tk * d * 4 <= int(target.attrs["max_shared_memory_per_block"])
+
+
+@needs_opencl
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_opencl_matches_reference_for_every_gqa_ratio(group: int) -> None:
+    _check_opencl(make_case(2 * group, 2, 16, 77, chunk=8, budget=32, sinks=4, seed=group))
+
+
+@needs_opencl
+def test_opencl_variable_chunks_softcap_window() -> None:
+    case = make_case(4, 1, 16, 93, variable_chunks=(3, 13), budget=40, sinks=3, softcap=20.0, window=37, seed=5)
+    _check_opencl(case)
+
+
+@needs_opencl
+def test_opencl_decode_one_query() -> None:
+    _check_opencl(make_case(8, 2, 16, 61, q_len=1, chunk=8, budget=24, seed=7))
+    _check_opencl(make_case(8, 2, 16, 61, q_len=5, chunk=8, budget=24, seed=8))  # a suffix across chunks
+
+
+@needs_opencl
+def test_opencl_budget_at_least_length_equals_dense() -> None:
+    case = make_case(4, 2, 16, 45, chunk=8, budget=64, seed=3)
+    assert rel_err(case.ref_sparse, case.ref_dense) <= 1e-5  # the reference itself
+    out = _opencl_runner("opencl-mali", case.spec(OP_SPARSE))(*case.args(OP_SPARSE))[-1]
+    assert rel_err(out, case.ref_dense) <= 1e-4
+
+
+@needs_opencl
+def test_opencl_adreno_profile_runs() -> None:
+    _check_opencl(make_case(4, 1, 32, 41, chunk=8, budget=24, seed=11), target_name="opencl-adreno")
+
+
+@needs_opencl
+def test_opencl_launch_plan_is_tvms() -> None:
+    """The launches come from TVM's host code: 3 kernels for selection, grid from the shapes."""
+    case = make_case(4, 2, 16, 77, chunk=8, budget=32)
+    runner = _opencl_runner("opencl-mali", case.spec(OP_SELECT))
+    plan = runner.plan(case.args(OP_SELECT))
+    assert [launch.name for launch in plan.launches] == [
+        "dhsa_chunk_select_kernel",
+        "dhsa_chunk_select_kernel_1",
+        "dhsa_chunk_select_kernel_2",
+    ]
+    nc = len(case.boundaries) - 1
+    assert plan.launches[1].grid == (2 * nc, 1, 1)  # one work-group per (KV head, key chunk)
+    assert set(plan.workspaces) == {"kbar", "topv"}
+    for launch in plan.launches:
+        assert f"void {launch.name}(" in runner.source
+
+
+# ------------------------------------------------------------- CUDA: nvcc, and a GPU when there is one
+
+# fp32 for every CUDA profile; fp16 (the Jetson's natural precision) for Orin, to keep nvcc time down
+CUDA_BUILDS = [(p.name, "float32") for p in T.list_profiles("cuda")] + [("cuda-sm87", "float16")]
+
+
+@pytest.mark.skipif(gpu_cuda.nvcc_path() is None, reason="nvcc not installed (CUDA toolkit)")
+@pytest.mark.parametrize("profile_name,dtype", CUDA_BUILDS)
+def test_cuda_kernels_compile_with_nvcc_or_ship_source(profile_name: str, dtype: str, tmp_path) -> None:
+    """Every op, Gemma-like shape (g=4, D=256, softcap), built for the profile's arch.
+
+    sm_72 (and any arch the local nvcc lacks) ships the source: the test then
+    checks that the source is written and names every kernel.
+    """
+    profile = T.get_profile(profile_name)
+    case = make_case(4, 1, 8, 9)
+    for op in (OP_SELECT, OP_SPARSE, OP_DENSE):
+        spec = case.spec(op).with_(head_dim=256, dtype=dtype, softcap=50.0)
+        mod = gpu_kernels.build(spec, profile.target())
+        path = gpu_cuda.write_cuda_artifact(mod, profile, tmp_path, f"{SYMBOL[op]}_{dtype}")
+        if profile.ship_source or not gpu_cuda.nvcc_supports(profile.nvcc_arch):
+            assert path.suffix == ".cu"
+            assert profile.name == "cuda-sm72" or not gpu_cuda.nvcc_supports(profile.nvcc_arch)
+            assert gpu_cuda.kernel_names(path.read_text())
+        else:
+            assert path.suffix == ".ptx"
+            ptx = path.read_text()
+            assert f".target {profile.nvcc_arch}" in ptx
+            for name in gpu_cuda.kernel_names(path.with_suffix(".cu").read_text()):
+                assert f".entry {name}(" in ptx
+
+
+def test_local_nvcc_cannot_build_sm72_and_says_so(tmp_path) -> None:
+    if gpu_cuda.nvcc_path() is None or gpu_cuda.nvcc_supports("sm_72"):
+        pytest.skip("only meaningful with an nvcc that lacks sm_72 (CUDA >= 13)")
+    with pytest.raises(gpu_cuda.NvccError, match="ship the source"):
+        gpu_cuda.nvcc_compile("__global__ void f() {}", "sm_72", tmp_path / "f.ptx")
+
+
+def _cuda_device_present() -> bool:
+    try:
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    except Exception:
+        return False
+
+
+needs_cuda_gpu = pytest.mark.skipif(not _cuda_device_present(), reason="no CUDA GPU here (tvm.cuda(0).exist is False)")
+
+
+def _run_on_cuda(case: AttentionCase, op: str) -> list[np.ndarray]:
+    import tvm
+
+    dev = tvm.cuda(0)
+    arch = "sm_" + str(dev.compute_version).replace(".", "")
+    target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
+    lib = tvm.compile(gpu_kernels.build(case.spec(op), target), target=target)
+    tensors = [tvm.runtime.tensor(a, dev) for a in case.args(op)]
+    lib[SYMBOL[op]](*tensors)
+    dev.sync()
+    return [t.numpy() for t in tensors]
+
+
+@pytest.mark.gpu
+@needs_cuda_gpu
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 1e-3)])
+def test_cuda_gpu_matches_reference(group: int, dtype: str, tol: float) -> None:
+    case = make_case(2 * group, 2, 64, 203, chunk=16, budget=96, softcap=30.0, dtype=dtype, seed=group)
+    sel = _run_on_cuda(case, OP_SELECT)
+    np.testing.assert_array_equal(sel[3], case.sel)
+    np.testing.assert_array_equal(sel[4], case.nsel)
+    assert rel_err(_run_on_cuda(case, OP_SPARSE)[-1], case.ref_sparse) <= tol
+    assert rel_err(_run_on_cuda(case, OP_DENSE)[-1], case.ref_dense) <= tol
+    decode = make_case(2 * group, 2, 64, 203, q_len=1, chunk=16, budget=96, dtype=dtype, seed=group)
+    assert rel_err(_run_on_cuda(decode, OP_SPARSE)[-1], decode.ref_sparse) <= tol
+
+
+@pytest.mark.gpu
+@needs_cuda_gpu
+def test_cuda_gpu_timing_against_sdpa(capsys) -> None:
+    """Times the TVM kernels on the GPU (and torch SDPA when torch has CUDA); prints, asserts nothing on speed."""
+    import time
+
+    import torch
+    import tvm
+
+    case = make_case(4, 1, 256, 4096, chunk=32, budget=2048, seed=0)
+    dev = tvm.cuda(0)
+    arch = "sm_" + str(dev.compute_version).replace(".", "")
+    target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
+    lines = []
+    for op in (OP_SELECT, OP_SPARSE, OP_DENSE):
+        lib = tvm.compile(gpu_kernels.build(case.spec(op), target), target=target)
+        tensors = [tvm.runtime.tensor(a, dev) for a in case.args(op)]
+        seconds = lib.time_evaluator(SYMBOL[op], dev, number=3, repeat=3)(*tensors).mean
+        lines.append(f"TVM {op} L=4096: {seconds * 1e3:.2f} ms")
+    if torch.cuda.is_available():
+        q, k, v = (torch.from_numpy(x).cuda()[None] for x in (case.q, case.k, case.v))
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.cuda.synchronize()
+        lines.append(f"torch SDPA L=4096: {(time.perf_counter() - start) / 3 * 1e3:.2f} ms")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
