@@ -137,6 +137,8 @@ def run(
     chunk_size: Annotated[int, typer.Option(help="Fixed chunk / block length in tokens.")] = DEFAULT_CHUNK_SIZE,
     sinks: Annotated[int, typer.Option(help="First tokens every query keeps (attention sinks).")] = DEFAULT_SINKS,
     chunking: Annotated[str, typer.Option(help="Boundary source for DHSA: fixed, shift or predictor.")] = "fixed",
+    min_chunk: Annotated[int, typer.Option(help="Shortest chunk the shift/predictor sources may cut.")] = 8,
+    max_chunk: Annotated[int, typer.Option(help="Longest chunk the shift/predictor sources may cut.")] = 64,
     layers: Annotated[
         str, typer.Option(help="Layers that get sparse attention: global (full-attention layers), all, or 5,11.")
     ] = "global",
@@ -170,7 +172,16 @@ def run(
         raise NotBuiltYetError(f"--backend {backend}: the compiled TVM runtime is not built yet; use --backend torch.")
     kinds = parse_kinds(attention)
     configs = [
-        AttentionConfig(kind=k, budget=budget, chunk_size=chunk_size, sinks=sinks, chunking=chunking) for k in kinds
+        AttentionConfig(
+            kind=k,  # type: ignore[arg-type]
+            budget=budget,
+            chunk_size=chunk_size,
+            sinks=sinks,
+            chunking=chunking,  # type: ignore[arg-type]
+            min_chunk=min_chunk,
+            max_chunk=max_chunk,
+        )
+        for k in kinds
     ]
     import torch
 

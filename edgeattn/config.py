@@ -57,10 +57,11 @@ class AttentionConfig:
                 f"need 1 <= min_chunk <= max_chunk, got min_chunk={self.min_chunk}, max_chunk={self.max_chunk}"
             )
         if self.kind != "dense" and self.budget < self.largest_chunk + self.sinks:
+            knob = "--chunk-size" if self.largest_chunk == self.chunk_size else "--max-chunk"
             raise ConfigError(
                 f"budget {self.budget} cannot hold a query's own chunk ({self.largest_chunk} "
                 f"tokens) plus {self.sinks} sink tokens; pass --budget >= "
-                f"{self.largest_chunk + self.sinks} or a smaller --chunk-size"
+                f"{self.largest_chunk + self.sinks} or a smaller {knob}"
             )
 
     @property
