@@ -46,11 +46,18 @@ class CpuSchedule:
 
 
 def target_lanes(target: tvm.target.Target) -> int:
+    """fp32 lanes of the target's native vector registers (16: AVX-512, 8: AVX2, 4: NEON/SSE)."""
+    triple = str(target.attrs.get("mtriple", "")) or str(codegen.llvm_get_system_triple())
+    if triple.startswith(("aarch64", "arm")):
+        return 4
     try:
-        bits = int(codegen.llvm_get_vector_width(target))
-    except Exception:  # pragma: no cover - non-LLVM targets
-        bits = 128
-    return max(4, bits // 32)
+        if codegen.target_has_features("avx512f", target):
+            return 16
+        if codegen.target_has_features("avx2", target) or codegen.target_has_features("avx", target):
+            return 8
+    except Exception:  # pragma: no cover - feature query unsupported
+        pass
+    return 4
 
 
 def schedule_for(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule:
@@ -329,6 +336,217 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
     return dense_attention
 
 
+# --------------------------------------------------------------------------- decode (Lq == 1)
+
+
+def _decode_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool, parts: int = 32):
+    """One query per head: split the kept keys over ``parts`` work items, then combine.
+
+    Each part computes a partial (m, l, o) for the g query heads of its KV head over its
+    share of the key tokens (the merged ranges concatenated, cut in equal shares); a
+    second parallel loop rescales and sums the parts (flash-decoding).
+    """
+    hq, hkv, d, g = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group
+    dtype = spec.dtype
+    scale = spec.scale
+    cap = spec.cap
+    win = spec.win
+    sinks = int(spec.sinks)
+    vl, kt = sch.lanes, 16
+    while d % vl:
+        vl //= 2
+    nd = d // vl
+    winm1 = win - 1 if win > 0 else (1 << 30)
+    neg_inf = -3.0e38
+    sym = SYMBOL[OP_SPARSE if sparse else OP_DENSE]
+
+    @T.macro
+    def keys(h, j0, kn, qv, m, l, o, K, V):
+        # partial attention of the g queries (qv, pre-scaled) over keys [j0, j0 + kn), kn <= kt
+        sc = T.alloc_buffer((kt, g), "float32", scope="local")
+        part = T.alloc_buffer((vl,), "float32", scope="local")
+        mt = T.alloc_buffer((1,), "float32", scope="local")
+        for j in range(kn):
+            for gi in range(g):
+                for dv in T.vectorized(vl):
+                    part[dv] = T.float32(0)
+                for d0 in range(nd):
+                    for dv in T.vectorized(vl):
+                        part[dv] = part[dv] + T.Cast("float32", K[h, j0 + j, d0 * vl + dv]) * qv[gi, d0 * vl + dv]
+                sc[j, gi] = T.float32(0)
+                for dv in range(vl):
+                    sc[j, gi] = sc[j, gi] + part[dv]
+                sc[j, gi] = softcapped(sc[j, gi], cap)
+        for gi in range(g):
+            mt[0] = m[gi]
+            for j in range(kn):
+                mt[0] = T.max(mt[0], sc[j, gi])
+            l[gi] = l[gi] * fexp(m[gi] - mt[0])
+            for dd in T.vectorized(d):
+                o[gi, dd] = o[gi, dd] * fexp(m[gi] - mt[0])
+            m[gi] = mt[0]
+            for j in range(kn):
+                sc[j, gi] = fexp(sc[j, gi] - mt[0])
+                l[gi] = l[gi] + sc[j, gi]
+        for j in range(kn):
+            for gi in range(g):
+                for dd in T.vectorized(d):
+                    o[gi, dd] = o[gi, dd] + sc[j, gi] * T.Cast("float32", V[h, j0 + j, dd])
+
+    @T.macro
+    def span(h, s, e, lo, hi, acc, qv, m, l, o, K, V):
+        # keys [s, e) sit at [acc, acc + e - s) in the concatenated token space; take [lo, hi)
+        a = T.Bind(T.max(acc[0], lo))
+        b = T.Bind(T.min(acc[0] + e - s, hi))
+        if b > a:
+            for t in range((b - a + kt - 1) // kt):
+                keys(h, s + a - acc[0] + t * kt, T.min(kt, b - a - t * kt), qv, m, l, o, K, V)
+        acc[0] = acc[0] + (e - s)
+
+    @T.macro
+    def load_q(h, Q, Lq, qv, m, l, o):
+        for gi in range(g):
+            for dd in T.vectorized(d):
+                qv[gi, dd] = T.Cast("float32", Q[h * g + gi, Lq - 1, dd]) * T.float32(scale)
+                o[gi, dd] = T.float32(0)
+            m[gi] = T.float32(neg_inf)
+            l[gi] = T.float32(0)
+
+    @T.macro
+    def combine(PM, PL, PO, OUT, Lq):
+        for hg in T.parallel(hkv * g):
+            h = T.Bind(hg // g)
+            gi = T.Bind(hg % g)
+            mx = T.alloc_buffer((1,), "float32", scope="local")
+            den = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((d,), "float32", scope="local")
+            mx[0] = T.float32(neg_inf)
+            for p in range(parts):
+                mx[0] = T.max(mx[0], PM[h, p, gi])
+            den[0] = T.float32(0)
+            for dd in T.vectorized(d):
+                acc[dd] = T.float32(0)
+            for p in range(parts):
+                den[0] = den[0] + PL[h, p, gi] * fexp(PM[h, p, gi] - mx[0])
+                for dd in T.vectorized(d):
+                    acc[dd] = acc[dd] + PO[h, p, gi, dd] * fexp(PM[h, p, gi] - mx[0])
+            for dd in T.vectorized(d):
+                OUT[h * g + gi, Lq - 1, dd] = T.Cast(dtype, acc[dd] / den[0])
+
+    if sparse:
+
+        @T.prim_func
+        def sparse_decode(
+            q_h: T.handle, k_h: T.handle, v_h: T.handle, b_h: T.handle, sel_h: T.handle, nsel_h: T.handle,
+            o_h: T.handle,
+        ):
+            T.func_attr({"global_symbol": sym, "tirx.noalias": True})
+            Lq = T.int32()
+            Lk = T.int32()
+            Nc1 = T.int32()
+            Nq = T.int32()
+            M = T.int32()
+            Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
+            K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
+            V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
+            B = T.match_buffer(b_h, (Nc1,), "int32")
+            SEL = T.match_buffer(sel_h, (hkv, Nq, M), "int32")
+            NSEL = T.match_buffer(nsel_h, (hkv, Nq), "int32")
+            OUT = T.match_buffer(o_h, (hq, Lq, d), dtype)
+            PM = T.alloc_buffer((hkv, parts, g), "float32")
+            PL = T.alloc_buffer((hkv, parts, g), "float32")
+            PO = T.alloc_buffer((hkv, parts, g, d), "float32")
+            for w in T.parallel(hkv * parts):
+                h = T.Bind(w // parts)
+                p = T.Bind(w % parts)
+                c = T.Bind(Nq - 1)
+                qb = T.Bind(Lk)
+                wlo = T.Bind(T.max(0, Lk - 1 - winm1))
+                qv = T.alloc_buffer((g, d), "float32")
+                o = T.alloc_buffer((g, d), "float32")
+                m = T.alloc_buffer((g,), "float32")
+                l = T.alloc_buffer((g,), "float32")
+                cur = T.alloc_buffer((2,), "int32", scope="local")
+                acc = T.alloc_buffer((1,), "int32", scope="local")
+                tot = T.alloc_buffer((1,), "int32", scope="local")
+                load_q(h, Q, Lq, qv, m, l, o)
+                # pass 1: total kept tokens (merged ranges clipped to the window)
+                tot[0] = 0
+                cur[0] = 0
+                cur[1] = T.min(sinks, qb)
+                for i in range(NSEL[h, c]):
+                    xs = T.Bind(T.max(B[SEL[h, c, i]], sinks))
+                    xe = T.Bind(B[SEL[h, c, i] + 1])
+                    if xe > xs:
+                        if xs == cur[1]:
+                            cur[1] = xe
+                        else:
+                            tot[0] = tot[0] + T.max(0, cur[1] - T.max(cur[0], wlo))
+                            cur[0] = xs
+                            cur[1] = xe
+                tot[0] = tot[0] + T.max(0, T.min(cur[1], qb) - T.max(cur[0], wlo))
+                lo = T.Bind(tot[0] * p // parts)
+                hi = T.Bind(tot[0] * (p + 1) // parts)
+                # pass 2: this part's share
+                acc[0] = 0
+                cur[0] = 0
+                cur[1] = T.min(sinks, qb)
+                for i in range(NSEL[h, c]):
+                    xs = T.Bind(T.max(B[SEL[h, c, i]], sinks))
+                    xe = T.Bind(B[SEL[h, c, i] + 1])
+                    if xe > xs:
+                        if xs == cur[1]:
+                            cur[1] = xe
+                        else:
+                            if cur[1] > T.max(cur[0], wlo):
+                                span(h, T.max(cur[0], wlo), cur[1], lo, hi, acc, qv, m, l, o, K, V)
+                            cur[0] = xs
+                            cur[1] = xe
+                if T.min(cur[1], qb) > T.max(cur[0], wlo):
+                    span(h, T.max(cur[0], wlo), T.min(cur[1], qb), lo, hi, acc, qv, m, l, o, K, V)
+                for gi in range(g):
+                    PM[h, p, gi] = m[gi]
+                    PL[h, p, gi] = l[gi]
+                    for dd in T.vectorized(d):
+                        PO[h, p, gi, dd] = o[gi, dd]
+            combine(PM, PL, PO, OUT, Lq)
+
+        return sparse_decode
+
+    @T.prim_func
+    def dense_decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": sym, "tirx.noalias": True})
+        Lq = T.int32()
+        Lk = T.int32()
+        Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
+        K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
+        V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
+        OUT = T.match_buffer(o_h, (hq, Lq, d), dtype)
+        PM = T.alloc_buffer((hkv, parts, g), "float32")
+        PL = T.alloc_buffer((hkv, parts, g), "float32")
+        PO = T.alloc_buffer((hkv, parts, g, d), "float32")
+        for w in T.parallel(hkv * parts):
+            h = T.Bind(w // parts)
+            p = T.Bind(w % parts)
+            wlo = T.Bind(T.max(0, Lk - 1 - winm1))
+            qv = T.alloc_buffer((g, d), "float32")
+            o = T.alloc_buffer((g, d), "float32")
+            m = T.alloc_buffer((g,), "float32")
+            l = T.alloc_buffer((g,), "float32")
+            acc = T.alloc_buffer((1,), "int32", scope="local")
+            load_q(h, Q, Lq, qv, m, l, o)
+            acc[0] = 0
+            span(h, wlo, Lk, (Lk - wlo) * p // parts, (Lk - wlo) * (p + 1) // parts, acc, qv, m, l, o, K, V)
+            for gi in range(g):
+                PM[h, p, gi] = m[gi]
+                PL[h, p, gi] = l[gi]
+                for dd in T.vectorized(d):
+                    PO[h, p, gi, dd] = o[gi, dd]
+        combine(PM, PL, PO, OUT, Lq)
+
+    return dense_decode
+
+
 def build(spec: KernelSpec, target: tvm.target.Target, schedule: CpuSchedule | None = None) -> tvm.IRModule:
     """IRModule with one PrimFunc named SYMBOL[spec.op] (parameters abi.ARGS[spec.op])."""
     if isinstance(target, dict | str):
@@ -336,5 +554,8 @@ def build(spec: KernelSpec, target: tvm.target.Target, schedule: CpuSchedule | N
     if spec.op == OP_SELECT:
         return build_chunk_select(spec, lanes=target_lanes(target))
     sch = schedule or schedule_for(spec, target)
-    func = _attention_primfunc(spec, sch, sparse=spec.op == OP_SPARSE)
+    if spec.decode:
+        func = _decode_primfunc(spec, sch, sparse=spec.op == OP_SPARSE)
+    else:
+        func = _attention_primfunc(spec, sch, sparse=spec.op == OP_SPARSE)
     return tvm.IRModule({SYMBOL[spec.op]: func})
