@@ -112,9 +112,9 @@ def export_loaded(
 ) -> ExportResult:
     """Export an already loaded model (``edgeattn.models.LoadedModel`` or anything with .model/.name)."""
     import onnx
-    from edgeattn.export import graph, manifest, ops
 
     from edgeattn import models, patching
+    from edgeattn.export import graph, manifest, ops
 
     t0 = time.perf_counter()
     output = Path(output)

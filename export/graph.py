@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from edgeattn.export import ops
-from edgeattn.export.onnx_builder import BOOL, FLOAT, INT64, OPSET, NodeBuilder
 from onnx import TensorProto, helper
 
 from edgeattn.config import AttentionConfig
 from edgeattn.errors import UnsupportedModelError
+from edgeattn.export import ops
+from edgeattn.export.onnx_builder import BOOL, FLOAT, INT64, OPSET, NodeBuilder
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3_text")
 _ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -237,15 +237,22 @@ class _GemmaWriter:
         h = nb.op("Gather", emb_w, "input_ids", axis=0)
         h = nb.op("Mul", h, nb.op("CastLike", nb.const(f.embed_scale, np.float32), h), hint="embedded")
 
-        # lengths, masks, positions: shared by all layers
-        seq = nb.dim(nb.op("Shape", "input_ids"), 1)
-        total = nb.dim(nb.op("Shape", "attention_mask"), 1)
+        # lengths, masks, positions: shared by all layers.  Every tensor is reshaped to a shape
+        # computed from the inputs' shapes (T = P + S), so TVM's importer knows the symbolic
+        # shapes of the masks (it gives a Range output a fresh, unrelated length otherwise).
         zero, one = nb.scalar_i64(0), nb.scalar_i64(1)
-        kpos = nb.op("Range", zero, total, one, hint="key_pos")
-        qpos = nb.op("Range", nb.op("Sub", total, seq), total, one, hint="query_pos")
+        ids_shape = nb.op("Shape", "input_ids")
+        batch, seq = nb.dim(ids_shape, 0), nb.dim(ids_shape, 1)
+        past = nb.dim(nb.op("Shape", "past_key_values.0.key"), 2)
+        total = nb.op("Add", past, seq, hint="total_len")
+        kpos = nb.op("Reshape", nb.op("Range", zero, total, one), nb.unsqueeze(total, 0), hint="key_pos")
+        qpos = nb.op("Reshape", nb.op("Range", past, total, one), nb.unsqueeze(seq, 0), hint="query_pos")
         q_col = nb.unsqueeze(qpos, 1)
         causal = nb.op("LessOrEqual", nb.unsqueeze(kpos, 0), q_col)  # [S,T]
-        padding = nb.unsqueeze(nb.op("Cast", "attention_mask", to=BOOL), 1, 2, 3)  # [B,1,1,1,T]
+        attn_mask = nb.op(
+            "Reshape", "attention_mask", nb.op("Concat", nb.unsqueeze(batch, 0), nb.unsqueeze(total, 0), axis=0)
+        )
+        padding = nb.unsqueeze(nb.op("Cast", attn_mask, to=BOOL), 1, 2, 3)  # [B,1,1,1,T]
         masks = {"full_attention": nb.op("And", causal, padding, hint="mask_full")}
         if f.sliding_window:
             near = nb.op("Less", nb.op("Sub", q_col, nb.unsqueeze(kpos, 0)), nb.scalar_i64(f.sliding_window))
@@ -257,8 +264,11 @@ class _GemmaWriter:
             if spec.boundaries_input:
                 boundaries = BOUNDARIES_INPUT
             else:  # fixed chunks over all keys: 0, c, 2c, ..., T
-                starts = nb.op("Range", zero, total, nb.scalar_i64(cfg.chunk_size))
-                boundaries = nb.op("Concat", starts, nb.unsqueeze(total, 0), axis=0, hint="boundaries")
+                # Range(0, T + c, c) clipped at T: 0, c, ..., T (one Range, no Concat of a shape and a tensor,
+                # which TVM's importer cannot mix)
+                chunk = nb.scalar_i64(cfg.chunk_size)
+                steps = nb.op("Range", zero, nb.op("Add", total, chunk), chunk)
+                boundaries = nb.op("Min", steps, nb.as_tensor(nb.unsqueeze(total, 0)), hint="boundaries")
 
         for i in range(f.layers):
             p = f"model.layers.{i}."

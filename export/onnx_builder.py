@@ -101,8 +101,24 @@ class NodeBuilder:
     # ---- a few composite helpers used by both the graph and the functions
 
     def dim(self, shape: str, axis: int) -> str:
-        """Scalar int64: dimension ``axis`` of a Shape output."""
+        """Scalar int64: dimension ``axis`` of a Shape output.
+
+        TVM's importer keeps this a symbolic shape value (good for pinning shapes with
+        Reshape); use :meth:`dim_tensor` where it meets ordinary tensors.
+        """
         return self.op("Gather", shape, self.scalar_i64(axis), axis=0)
+
+    def dim_tensor(self, shape: str, axis: int) -> str:
+        """Scalar int64 tensor of dimension ``axis``: TVM's importer turns the Reshape into a real tensor."""
+        return self.as_tensor(self.op("Slice", shape, self.i64(axis), self.i64(axis + 1)))
+
+    def shape_slice(self, shape: str, start: int, end: int) -> str:
+        """``shape[start:end]`` as an int64 tensor (TVM's importer: a tensor, not a shape value)."""
+        return self.op("Reshape", self.op("Slice", shape, self.i64(start), self.i64(end)), self.i64(end - start))
+
+    def as_tensor(self, value: str) -> str:
+        """A no-op in ONNX; makes TVM's importer materialise a shape value as a scalar tensor."""
+        return self.op("Reshape", value, self.const([], np.int64, hint="scalar_shape"))
 
     def unsqueeze(self, x: str, *axes: int) -> str:
         return self.op("Unsqueeze", x, self.i64(*axes))

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from edgeattn.export.onnx_builder import BOOL, FLOAT, INT32, INT64, OPSET, NodeBuilder
 from onnx import TensorProto, helper
+
+from edgeattn.export.onnx_builder import BOOL, FLOAT, INT32, INT64, OPSET, NodeBuilder
 
 DOMAIN = "ai.edgeattn"
 DOMAIN_VERSION = 1
@@ -36,23 +37,58 @@ DOMAIN_VERSION = 1
 OP_SELECT = "DHSAChunkSelect"
 OP_SPARSE = "DHSASparseAttention"
 
-_BIG = np.iinfo(np.int64).max
-
 
 def _common_sizes(nb: NodeBuilder, q: str, k: str, boundaries: str) -> dict[str, str]:
-    """Lengths and chunk tables both ops need (names of the tensors)."""
+    """Lengths and chunk tables both ops need (names of the tensors).
+
+    For TVM's importer every chunk-indexed tensor is gathered with one index tensor
+    (``x``, pinned to length len(boundaries) - 1) and every token-indexed one is pinned
+    (Reshape, a no-op in ONNX) to the length of q or k, so its symbolic shape analysis
+    can prove the shapes equal and lower the ops; Slice-based tables would get shapes it
+    cannot compare.
+    """
+    zero, one = nb.scalar_i64(0), nb.scalar_i64(1)
     shape_q = nb.op("Shape", q)
     shape_k = nb.op("Shape", k)
-    lq = nb.dim(shape_q, 2)
-    lk = nb.dim(shape_k, 2)
+    lq = nb.dim_tensor(shape_q, 2)
+    lk = nb.dim_tensor(shape_k, 2)
     start = nb.op("Sub", lk, lq, hint="q_start")  # absolute position of query 0
-    b_hi = nb.op("Slice", boundaries, nb.i64(1), nb.i64(_BIG), hint="b_hi")  # chunk ends   [Nc]
-    b_lo = nb.op("Slice", boundaries, nb.i64(0), nb.i64(-1), hint="b_lo")  # chunk starts [Nc]
+    nc_shape = nb.unsqueeze(nb.op("Sub", nb.dim(nb.op("Shape", boundaries), 0), one), 0)  # [Nc] as a shape
+    nc = nb.as_tensor(nc_shape)
+    chunk_ids = nb.op("Reshape", nb.op("Range", zero, nc, one), nc_shape, hint="chunk_ids")  # [Nc]
+    b_lo = nb.op("Gather", boundaries, chunk_ids, axis=0, hint="b_lo")  # chunk starts [Nc]
+    b_hi = nb.op("Gather", boundaries, nb.op("Add", chunk_ids, one), axis=0, hint="b_hi")  # chunk ends [Nc]
     lens = nb.op("Sub", b_hi, b_lo, hint="chunk_len")
-    nc = nb.op("Squeeze", nb.op("Shape", lens), nb.i64(0), hint="nc")
-    chunk_ids = nb.op("Range", nb.scalar_i64(0), nc, nb.scalar_i64(1), hint="chunk_ids")
+    holds_query = nb.op("Greater", b_hi, start)  # chunks that contain a query
+    nq = nb.op("ReduceSum", nb.op("Cast", holds_query, to=INT64), keepdims=0, hint="nq")
+    key_pos = nb.op("Reshape", nb.op("Range", zero, lk, one), nb.op("Slice", shape_k, nb.i64(2), nb.i64(3)))
+    query_pos = nb.op("Reshape", nb.op("Range", start, lk, one), nb.op("Slice", shape_q, nb.i64(2), nb.i64(3)))
+    group = nb.unsqueeze(nb.op("Div", nb.dim(shape_q, 1), nb.dim(shape_k, 1)), 0)  # [1]: g = Hq / Hkv
+    # [B, Hkv, g, Lq, D]: built from shape values only, so TVM's importer keeps it a shape
+    grouped = nb.op(
+        "Concat",
+        nb.op("Slice", shape_q, nb.i64(0), nb.i64(1)),
+        nb.op("Slice", shape_k, nb.i64(1), nb.i64(2)),
+        group,
+        nb.op("Slice", shape_q, nb.i64(2), nb.i64(4)),
+        axis=0,
+        hint="grouped_shape",
+    )
     return dict(
-        shape_q=shape_q, shape_k=shape_k, lq=lq, lk=lk, start=start, b_hi=b_hi, b_lo=b_lo, lens=lens, nc=nc, x=chunk_ids
+        grouped=grouped,
+        nq=nq,
+        shape_q=shape_q,
+        shape_k=shape_k,
+        lq=lq,
+        lk=lk,
+        start=start,
+        b_hi=b_hi,
+        b_lo=b_lo,
+        lens=lens,
+        nc=nc,
+        x=chunk_ids,
+        key_pos=key_pos,
+        query_pos=query_pos,
     )
 
 
@@ -78,26 +114,17 @@ def chunk_select_function() -> onnx.FunctionProto:
     zero, one = nb.scalar_i64(0), nb.scalar_i64(1)
 
     # query chunks: the key chunks that contain a query, cut to the query range
-    holds_query = nb.op("Greater", s["b_hi"], s["start"])
-    nq = nb.op("ReduceSum", nb.op("Cast", holds_query, to=INT64), keepdims=0, hint="nq")
+    nq = s["nq"]
     offset = nb.op("Sub", s["nc"], nq, hint="offset")
     own = nb.op("Range", offset, s["nc"], one, hint="own_chunk")  # [Nq] key chunk of each query chunk
     q_lo = nb.op("Sub", nb.op("Max", nb.op("Gather", s["b_lo"], own), s["start"]), s["start"])
     q_hi = nb.op("Sub", nb.op("Gather", s["b_hi"], own), s["start"])
 
     kbar = _pool(nb, k, s["b_lo"], s["b_hi"], normalize)  # [B,Hkv,Nc,D]
-    qbar = _pool(nb, q, q_lo, q_hi, normalize)  # [B,Hq,Nq,D]
-    # group-average the query heads of each KV head: [B,Hq,Nq,D] -> [B,Hkv,g,Nq,D] -> mean over g
-    grouped_shape = nb.op(
-        "Concat",
-        nb.op("Slice", s["shape_q"], nb.i64(0), nb.i64(1)),
-        nb.op("Slice", s["shape_k"], nb.i64(1), nb.i64(2)),
-        nb.i64(-1),
-        nb.unsqueeze(nq, 0),
-        nb.op("Slice", s["shape_q"], nb.i64(3), nb.i64(4)),
-        axis=0,
-    )
-    qbar = nb.op("ReduceMean", nb.op("Reshape", qbar, grouped_shape), nb.i64(2), keepdims=0)
+    # group-average the query heads of each KV head first ([B,Hq,Lq,D] -> [B,Hkv,Lq,D]); pooling is
+    # linear, so this equals the reference's pool-then-average (to rounding)
+    q_mean = nb.op("ReduceMean", nb.op("Reshape", q, s["grouped"]), nb.i64(2), keepdims=0)
+    qbar = _pool(nb, q_mean, q_lo, q_hi, normalize)  # [B,Hkv,Nq,D]
     scores = nb.op("MatMul", qbar, nb.op("Transpose", kbar, perm=[0, 1, 3, 2]), hint="chunk_scores")  # [B,Hkv,Nq,Nc]
 
     x = s["x"]
@@ -123,12 +150,15 @@ def chunk_select_function() -> onnx.FunctionProto:
     charge_f = nb.unsqueeze(nb.op("Cast", charge, to=FLOAT), 1)  # [Nc, 1]
     charged_before = nb.squeeze(nb.op("MatMul", nb.op("Cast", before, to=FLOAT), charge_f), 4)  # [B,H,Nq,Nc]
     total = nb.op("Add", charged_before, nb.op("Cast", charge, to=FLOAT))
-    fits = nb.op("LessOrEqual", total, nb.op("Cast", own_col_remaining(nb, remaining), to=FLOAT))
+    fits = nb.op("LessOrEqual", total, nb.op("Cast", nb.unsqueeze(remaining, 1), to=FLOAT))
     keep = nb.op("Or", nb.op("And", fits, eligible), nb.op("Equal", x_row, own_col), hint="keep")  # [B,H,Nq,Nc]
 
     # kept chunk ids in ascending order, padded with -1 to width max_selected
     keep_i = nb.op("Cast", keep, to=INT64)
-    pos = nb.op("CumSum", keep_i, nb.scalar_i64(3), exclusive=1)  # slot of each kept chunk
+    # slot of each kept chunk = kept chunks before it (an exclusive prefix count, as a MatMul with the
+    # strict upper triangle: TVM cannot lower CumSum over a data-dependent shape)
+    earlier = nb.op("Cast", nb.op("Less", nb.unsqueeze(x, 1), x_row), to=FLOAT)  # [y, x]: y < x
+    pos = nb.op("Cast", nb.op("MatMul", nb.op("Cast", keep, to=FLOAT), earlier), to=INT64)
     slots = nb.unsqueeze(nb.op("Range", zero, m_width, one), 1)  # [M, 1]
     match = nb.op("And", nb.unsqueeze(keep, 3), nb.op("Equal", nb.unsqueeze(pos, 3), slots))  # [B,H,Nq,M,Nc]
     nb.op(
@@ -150,10 +180,6 @@ def chunk_select_function() -> onnx.FunctionProto:
     )
 
 
-def own_col_remaining(nb: NodeBuilder, remaining: str) -> str:
-    return nb.unsqueeze(remaining, 1)  # [Nq, 1]
-
-
 def sparse_attention_function() -> onnx.FunctionProto:
     """FunctionProto of DHSASparseAttention (see OPS.md for the contract)."""
     nb = NodeBuilder()
@@ -163,12 +189,12 @@ def sparse_attention_function() -> onnx.FunctionProto:
     softcap = nb.op("CastLike", nb.attr_const("softcap", "float"), q)
     window = nb.attr_const("window", "int")
     sinks = nb.attr_const("sinks", "int")
-    zero, one = nb.scalar_i64(0), nb.scalar_i64(1)
+    zero = nb.scalar_i64(0)
 
-    nq = nb.dim(nb.op("Shape", sel), 2)
+    nq = s["nq"]
     offset = nb.op("Sub", s["nc"], nq)
-    tok = nb.op("Range", zero, s["lk"], one, hint="key_pos")  # [Lk]
-    qpos = nb.op("Range", s["start"], s["lk"], one, hint="query_pos")  # [Lq]
+    tok = s["key_pos"]  # [Lk]
+    qpos = s["query_pos"]  # [Lq]
     # chunk of every key token: how many chunk ends lie at or before it
     k_chunk = nb.op(
         "ReduceSum",
@@ -191,18 +217,13 @@ def sparse_attention_function() -> onnx.FunctionProto:
     mask = nb.op("And", visible, nb.op("And", causal, in_window), hint="token_mask")  # [B,Hkv,Lq,Lk]
 
     # exact attention, query heads grouped per KV head: [B,Hkv,g,Lq,D] x [B,Hkv,1,D,Lk]
-    grouped_shape = nb.op(
-        "Concat",
-        nb.op("Slice", s["shape_q"], nb.i64(0), nb.i64(1)),
-        nb.op("Slice", s["shape_k"], nb.i64(1), nb.i64(2)),
-        nb.i64(-1),
-        nb.op("Slice", s["shape_q"], nb.i64(2), nb.i64(4)),
-        axis=0,
-    )
-    qg = nb.op("Reshape", q, grouped_shape)
+    qg = nb.op("Reshape", q, s["grouped"])
     scores = nb.op("Mul", nb.op("MatMul", qg, nb.unsqueeze(nb.op("Transpose", k, perm=[0, 1, 3, 2]), 2)), scaling)
-    capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, softcap)), softcap)
-    scores = nb.op("Where", nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q)), capped, scores)
+    # softcap 0 = off; divide by 1 then (TVM rejects a division by the constant 0 even in a dead branch)
+    capping = nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q))
+    safe_cap = nb.op("Where", capping, softcap, nb.op("CastLike", nb.const(1.0, np.float32), q))
+    capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, safe_cap)), safe_cap)
+    scores = nb.op("Where", capping, capped, scores)
     neg_inf = nb.op("CastLike", nb.const(-np.inf, np.float32), q)
     scores = nb.op("Where", nb.unsqueeze(mask, 2), scores, neg_inf)
     probs = nb.op("Softmax", scores, axis=-1)
