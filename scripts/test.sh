@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,opencl]"
 
 if [ -z "${EDGEATTN_NO_SYSTEM_SETUP:-}" ]; then
     # Real OpenCL (PoCL) and the emulated aarch64 device: the target-verification tests run on them.
