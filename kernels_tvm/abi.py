@@ -74,9 +74,7 @@ class KernelSpec:
         if self.op not in OPS:
             raise ValueError(f"unknown kernel op {self.op!r}; choose one of {', '.join(OPS)}")
         if self.heads_q < 1 or self.heads_kv < 1 or self.heads_q % self.heads_kv:
-            raise ValueError(
-                f"query heads ({self.heads_q}) must be a positive multiple of KV heads ({self.heads_kv})"
-            )
+            raise ValueError(f"query heads ({self.heads_q}) must be a positive multiple of KV heads ({self.heads_kv})")
         if self.head_dim < 1:
             raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
         if self.dtype not in ("float32", "float16"):

@@ -283,25 +283,28 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 l = T.alloc_buffer((r_rows,), "float32")
                 alpha = T.alloc_buffer((r_rows,), "float32")
                 cur = T.alloc_buffer((2,), "int32", scope="local")
+                nxt = T.alloc_buffer((2,), "int32", scope="local")
                 for sub in range((qe0 - qs0 + qt - 1) // qt):
                     qa = T.Bind(qs0 + sub * qt)
                     qb = T.Bind(T.min(qa + qt, qe0))
                     prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
-                    # merged key ranges: sinks, then kept chunks ascending (adjacent ones merged)
+                    # merged key ranges: sinks, then kept chunks ascending (adjacent ones merged);
+                    # step i == n flushes the last range (one call site keeps the code small)
                     cur[0] = 0
                     cur[1] = T.min(sinks, qb)
-                    for i in range(NSEL[h, c]):
-                        xs = T.Bind(T.max(B[SEL[h, c, i]], sinks))
-                        xe = T.Bind(B[SEL[h, c, i] + 1])
-                        if xe > xs:
-                            if xs == cur[1]:
-                                cur[1] = xe
-                            else:
-                                if cur[1] > cur[0]:
-                                    key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
-                                cur[0] = xs
-                                cur[1] = xe
-                    key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                    for i in range(NSEL[h, c] + 1):
+                        nxt[0] = 0
+                        nxt[1] = 0
+                        if i < NSEL[h, c]:
+                            nxt[0] = T.max(B[SEL[h, c, i]], sinks)
+                            nxt[1] = B[SEL[h, c, i] + 1]
+                        if nxt[1] > nxt[0] and nxt[0] == cur[1]:
+                            cur[1] = nxt[1]
+                        elif i == NSEL[h, c] or nxt[1] > nxt[0]:
+                            if cur[1] > cur[0]:
+                                key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                            cur[0] = nxt[0]
+                            cur[1] = nxt[1]
                     epilogue(h, qa, qb, qoff, O, l, OUT)
 
         return sparse_attention

@@ -281,7 +281,13 @@ def run_layer(
         nq = int((bnd[1:] > lk - lq).sum())
         m = selection_width(bnd, cfg.budget, cfg.sinks)
         sk = get_kernel(
-            OP_SELECT, target, heads_q=hq, heads_kv=hkv, head_dim=d, budget=cfg.budget, sinks=cfg.sinks,
+            OP_SELECT,
+            target,
+            heads_q=hq,
+            heads_kv=hkv,
+            head_dim=d,
+            budget=cfg.budget,
+            sinks=cfg.sinks,
             normalize=cfg.kind == "dhsa",
         )
         ak = get_kernel(OP_SPARSE, target, decode=decode, sinks=cfg.sinks, **common)
