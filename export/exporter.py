@@ -64,6 +64,13 @@ def check_output(output: Path, force: bool) -> None:
         raise OutputNotWritableError(f"output folder {parent} does not exist; create it or pick another -o path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputNotWritableError(f"output folder {parent} is not writable; pick another -o path")
+    try:  # permissions are not the whole story (read-only mounts, /proc, quotas): really try
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{output.name}.probe."):
+            pass
+    except OSError as err:
+        raise OutputNotWritableError(
+            f"cannot create files in output folder {parent} ({err.strerror}); pick another -o path"
+        ) from err
     if not force:
         existing = [p for p in (output, output.with_name(output.name + ".data"), manifest_path(output)) if p.exists()]
         if existing:
