@@ -1,0 +1,91 @@
+"""Small helpers shared by the benchmark scripts: CPU model, threads, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU's "model name" from /proc/cpuinfo (machines change between sessions)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def set_threads(n: int) -> int:
+    """Use ``n`` threads in TVM (TVM_NUM_THREADS, read when its pool starts: call this first),
+    OpenMP/MKL and torch.  Returns n."""
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover
+        pass
+    return n
+
+
+def header(title: str, threads: int) -> str:
+    return f"{title}\nCPU: {cpu_model()} | threads: {threads} | logical CPUs: {os.cpu_count()}"
+
+
+def time_it(fn: Callable[[], Any], repeats: int = 1, warmup: int = 0) -> list[float]:
+    """Wall times (s) of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x != x:  # NaN
+            return "-"
+        if abs(x) >= 1000 or (abs(x) < 10 ** (-digits) and x != 0):
+            return f"{x:.{digits - 1}e}"
+        return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{max(1, digits - len(str(int(abs(x)))))}f}".rstrip(".")
+    return str(x)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """Markdown table of ``rows``; ``columns`` = (key, heading) pairs."""
+    cells = [[fmt(r.get(k)) for k, _ in columns] for r in rows]
+    heads = [h for _, h in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(heads, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def write_json(path: str | Path, records: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> None:
+    """``{"meta": {...}, "records": [...]}``, written to a temp file and renamed (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": {"cpu": cpu_model(), **(meta or {})}, "records": records}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
