@@ -64,23 +64,33 @@ def schedule_for(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule:
     """Default schedule for a target (AVX2: 8 lanes, AVX-512: 16, NEON: 4)."""
     lanes = target_lanes(target)
     g, d = spec.group, spec.head_dim
+    while d % lanes:  # odd head sizes: narrower vectors
+        lanes //= 2
     if lanes >= 16:  # AVX-512: 32 zmm registers
         jb, rb, ri, db = 8, 32, 8, 32
     elif lanes == 8:  # AVX2: 16 ymm registers
         jb, rb, ri, db = 4, 16, 4, 16
     else:  # NEON: 32 q registers of 4 lanes
         jb, rb, ri, db = 8, 8, 8, 8
-    if spec.op == OP_DENSE:
+    if spec.op == OP_DENSE and lanes == 8:
+        # dense rows are free to choose: R = 192 = 8 x 24 allows 12-accumulator tiles on AVX2
+        # (4 keys x 3 vectors in S, 6 rows x 2 vectors in PV)
+        qt = max(lanes, 192 // g)
+        jb, rb, ri, db = 4, 24, 6, 16
+    elif spec.op == OP_DENSE:
         qt = max(lanes, 128 // g)
     else:
+        # DHSA: a query chunk (32 tokens by default) is one tile per head
         qt = max(lanes, min(32, 128 // g))
     r = g * qt
-    while r % rb:
-        rb //= 2
+    while r % rb or rb % lanes:
+        rb = rb // 2 if rb % 3 else rb // 3 * 2
     while r % ri:
-        ri //= 2
-    while d % db:
+        ri = ri // 2 if ri % 3 else ri // 3 * 2
+    while d % db or db % lanes:
         db //= 2
+    if lanes < 8:
+        rb, db = max(rb, lanes), max(db, lanes)
     return CpuSchedule(lanes=lanes, qt=qt, kt=32, jb=jb, rb=max(rb, 1), ri=max(ri, 1), db=max(db, 1))
 
 
@@ -98,6 +108,9 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
     r_rows = g * qt
     assert r_rows % rb == 0 and r_rows % ri == 0 and r_rows % vl == 0 and qt % vl == 0
     assert kt % jb == 0 and d % db == 0
+    assert rb % vl == 0 and db % vl == 0
+    nvr = rb // vl
+    nvd = db // vl
     nrb = r_rows // rb
     nri = r_rows // ri
     ndb = d // db
@@ -118,17 +131,20 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
             for jbo in range((kn + jb - 1) // jb):
                 acc = T.alloc_buffer((jb, rb), "float32", scope="local")
                 for jj in T.unroll(jb):
-                    for rr in T.vectorized(rb):
-                        acc[jj, rr] = T.float32(0)
+                    for rv in T.unroll(nvr):
+                        for rr in T.vectorized(vl):
+                            acc[jj, rv * vl + rr] = T.float32(0)
                 for dd in range(d):
                     for jj in T.unroll(jb):
-                        for rr in T.vectorized(rb):
-                            acc[jj, rr] = acc[jj, rr] + T.Cast(
-                                "float32", K[h, T.min(j0 + jbo * jb + jj, Lk - 1), dd]
-                            ) * Qt[rbo, dd, rr]
+                        for rv in T.unroll(nvr):
+                            for rr in T.vectorized(vl):
+                                acc[jj, rv * vl + rr] = acc[jj, rv * vl + rr] + T.Cast(
+                                    "float32", K[h, T.min(j0 + jbo * jb + jj, Lk - 1), dd]
+                                ) * Qt[rbo, dd, rv * vl + rr]
                 for jj in T.unroll(jb):
-                    for rr in T.vectorized(rb):
-                        S[jbo * jb + jj, rbo * rb + rr] = acc[jj, rr]
+                    for rv in T.unroll(nvr):
+                        for rr in T.vectorized(vl):
+                            S[jbo * jb + jj, rbo * rb + rv * vl + rr] = acc[jj, rv * vl + rr]
         # 2. softcap, mask, online softmax (vectorised over rows)
         for rv in range(nrv):
             mt = T.alloc_buffer((vl,), "float32", scope="local")
@@ -173,33 +189,43 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 for rio in range(nri):
                     acc2 = T.alloc_buffer((ri, db), "float32", scope="local")
                     for ii in T.unroll(ri):
-                        for dv in T.vectorized(db):
-                            acc2[ii, dv] = O[rio * ri + ii, dbo * db + dv] * alpha[rio * ri + ii]
+                        for dw in T.unroll(nvd):
+                            for dv in T.vectorized(vl):
+                                acc2[ii, dw * vl + dv] = (
+                                    O[rio * ri + ii, dbo * db + dw * vl + dv] * alpha[rio * ri + ii]
+                                )
                     for j in range(kn):
                         for ii in T.unroll(ri):
-                            for dv in T.vectorized(db):
-                                acc2[ii, dv] = acc2[ii, dv] + S[j, rio * ri + ii] * T.Cast(
-                                    "float32", V[h, j0 + j, dbo * db + dv]
-                                )
+                            for dw in T.unroll(nvd):
+                                for dv in T.vectorized(vl):
+                                    acc2[ii, dw * vl + dv] = acc2[ii, dw * vl + dv] + S[j, rio * ri + ii] * T.Cast(
+                                        "float32", V[h, j0 + j, dbo * db + dw * vl + dv]
+                                    )
                     for ii in T.unroll(ri):
-                        for dv in T.vectorized(db):
-                            O[rio * ri + ii, dbo * db + dv] = acc2[ii, dv]
+                        for dw in T.unroll(nvd):
+                            for dv in T.vectorized(vl):
+                                O[rio * ri + ii, dbo * db + dw * vl + dv] = acc2[ii, dw * vl + dv]
         else:
             for rio in range(nri):
                 for dbo in range(ndb):
                     acc2 = T.alloc_buffer((ri, db), "float32", scope="local")
                     for ii in T.unroll(ri):
-                        for dv in T.vectorized(db):
-                            acc2[ii, dv] = O[rio * ri + ii, dbo * db + dv] * alpha[rio * ri + ii]
+                        for dw in T.unroll(nvd):
+                            for dv in T.vectorized(vl):
+                                acc2[ii, dw * vl + dv] = (
+                                    O[rio * ri + ii, dbo * db + dw * vl + dv] * alpha[rio * ri + ii]
+                                )
                     for j in range(kn):
                         for ii in T.unroll(ri):
-                            for dv in T.vectorized(db):
-                                acc2[ii, dv] = acc2[ii, dv] + S[j, rio * ri + ii] * T.Cast(
-                                    "float32", V[h, j0 + j, dbo * db + dv]
-                                )
+                            for dw in T.unroll(nvd):
+                                for dv in T.vectorized(vl):
+                                    acc2[ii, dw * vl + dv] = acc2[ii, dw * vl + dv] + S[j, rio * ri + ii] * T.Cast(
+                                        "float32", V[h, j0 + j, dbo * db + dw * vl + dv]
+                                    )
                     for ii in T.unroll(ri):
-                        for dv in T.vectorized(db):
-                            O[rio * ri + ii, dbo * db + dv] = acc2[ii, dv]
+                        for dw in T.unroll(nvd):
+                            for dv in T.vectorized(vl):
+                                O[rio * ri + ii, dbo * db + dw * vl + dv] = acc2[ii, dw * vl + dv]
 
     @T.macro
     def key_range(h, s0, e0, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk):
