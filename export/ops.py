@@ -120,10 +120,13 @@ def chunk_select_function() -> onnx.FunctionProto:
     q_lo = nb.op("Sub", nb.op("Max", nb.op("Gather", s["b_lo"], own), s["start"]), s["start"])
     q_hi = nb.op("Sub", nb.op("Gather", s["b_hi"], own), s["start"])
 
-    kbar = _pool(nb, k, s["b_lo"], s["b_hi"], normalize)  # [B,Hkv,Nc,D]
+    # the chunk stage runs in float32 whatever the model dtype: running sums over thousands of
+    # tokens in float16 would reorder the chunk scores
+    kbar = _pool(nb, nb.op("Cast", k, to=FLOAT), s["b_lo"], s["b_hi"], normalize)  # [B,Hkv,Nc,D]
     # group-average the query heads of each KV head first ([B,Hq,Lq,D] -> [B,Hkv,Lq,D]); pooling is
     # linear, so this equals the reference's pool-then-average (to rounding)
-    q_mean = nb.op("ReduceMean", nb.op("Reshape", q, s["grouped"]), nb.i64(2), keepdims=0)
+    q32 = nb.op("Cast", q, to=FLOAT)
+    q_mean = nb.op("ReduceMean", nb.op("Reshape", q32, s["grouped"]), nb.i64(2), keepdims=0)
     qbar = _pool(nb, q_mean, q_lo, q_hi, normalize)  # [B,Hkv,Nq,D]
     scores = nb.op("MatMul", qbar, nb.op("Transpose", kbar, perm=[0, 1, 3, 2]), hint="chunk_scores")  # [B,Hkv,Nq,Nc]
 

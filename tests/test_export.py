@@ -138,6 +138,16 @@ def test_layers_all_and_list(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_sliding_layers_as_dhsa_match_pytorch_in_prefill(tmp_path):
+    """--layers all: the sliding layers run the ops with their window (prefill; see OPS.md for decode)."""
+    lm, res = export_tiny(tmp_path, "gemma2", SMALL, layers="all", all_logits=True)
+    sess = OrtGemma(res.onnx_path)
+    ids = np.random.default_rng(5).integers(0, 512, (1, 45))
+    logits, _ = sess.step(ids, sess.empty_past(1))
+    _, rel, _ = compare(logits, torch_logits(torch_reference(lm.model, SMALL, res.sparse_layers), ids))
+    assert rel <= 1e-4
+
+
 def test_manifest_records_config_layers_and_hashes(tmp_path):
     _, res = export_tiny(tmp_path, "gemma2", SMALL)
     data = manifest.read_manifest(res.manifest_path)
