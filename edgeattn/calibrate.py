@@ -326,7 +326,7 @@ def calibrate(
     text_path: Path | None = None,
     seq_len: int = 1024,
     sequences_n: int = 16,
-    epochs: int = 30,
+    epochs: int = 15,
     seed: int = 0,
     threads: int | None = None,
     window: int = 8,
@@ -398,7 +398,7 @@ def calibrate(
         },
         "seconds": {"training": round(result.seconds, 1), "total": round(time.perf_counter() - t_start, 1)},
         "threads": torch.get_num_threads(),
-        "command": _command_line(model_spec, out, text_path, seq_len, sequences_n, epochs, seed),
+        "command": _command_line(model_spec, out, text_path, seq_len, sequences_n, epochs, seed, threads),
     }
     target = out if out is not None else predictor.cache_path(loaded.config)
     if target.suffix != ".safetensors":
@@ -409,8 +409,10 @@ def calibrate(
 
 
 def _command_line(model: str | None, out: Path | None, text_path: Path | None, *nums: Any) -> str:
-    seq_len, n, epochs, seed = nums
+    seq_len, n, epochs, seed, threads = nums
     parts = ["edgeattn calibrate"] + ([model] if model else [])
+    if threads:
+        parts.append(f"--threads {threads}")
     if text_path is not None:
         parts.append(f"--text {text_path}")
     parts.append(f"--seq-len {seq_len} --sequences {n} --epochs {epochs} --seed {seed}")
@@ -444,7 +446,7 @@ def calibrate_command(
     sequences_n: Annotated[
         int, _opt("How many sequences (split 70/15/15 into train/validation/test).", "--sequences")
     ] = 16,
-    epochs: Annotated[int, _opt("Passes over the training sequences.")] = 30,
+    epochs: Annotated[int, _opt("Passes over the training sequences.")] = 15,
     seed: Annotated[int, _opt("Random seed: same seed, text and thread count give the same weights.")] = 0,
     threads: Annotated[int | None, _opt("CPU threads for torch (default: torch's choice).")] = None,
 ) -> None:

@@ -65,19 +65,31 @@ class PredictorConfig:
 
 
 class _SidePooling(nn.Module):
-    """Attention pooling of a window of projected keys into one vector."""
+    """Attention pooling of a window of projected keys into one vector per position."""
 
     def __init__(self, hidden: int, window: int) -> None:
         super().__init__()
         self.query = nn.Parameter(torch.zeros(hidden))
         self.position = nn.Parameter(torch.zeros(window, hidden))
 
-    def forward(self, win: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        # win [B, L, W, H], valid [L, W] bool -> [B, L, H]
-        logits = ((win + self.position) @ self.query) / math.sqrt(win.shape[-1])
-        logits = logits.masked_fill(~valid, float("-inf"))
+    def forward(self, padded: torch.Tensor, start: int, length: int, valid: torch.Tensor) -> torch.Tensor:
+        """Pool ``padded[:, start + l + j]`` over j < window for every l: [B, L + 2w, H] -> [B, L, H].
+
+        The logit of (l, j) is (h + position_j) . query / sqrt(H); it is computed as
+        h . query (one mat-vec over the sequence) plus position_j . query, and the
+        weighted sum as ``window`` shifted adds, so no [L, window, H] tensor is built.
+        """
+        window = self.position.shape[0]
+        scale = 1.0 / math.sqrt(padded.shape[-1])
+        hq = padded @ self.query  # [B, L + 2w]
+        pq = self.position @ self.query  # [W]
+        logits = torch.stack([hq[:, start + j : start + j + length] for j in range(window)], dim=-1)
+        logits = ((logits + pq) * scale).masked_fill(~valid, float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a side with no keys pools to zero
-        return (weights.unsqueeze(-1) * win).sum(-2)
+        out = weights[..., 0:1] * padded[:, start : start + length]
+        for j in range(1, window):
+            out = out + weights[..., j : j + 1] * padded[:, start + j : start + j + length]
+        return out
 
 
 class BoundaryPredictor(nn.Module):
@@ -96,21 +108,19 @@ class BoundaryPredictor(nn.Module):
         """feats [B, L, in_dim] (unit-norm per head) -> logits [B, L]."""
         if feats.dim() != 3 or feats.shape[-1] != self.config.in_dim:
             raise ValueError(f"expected features [batch, length, {self.config.in_dim}], got {tuple(feats.shape)}")
-        w = self.config.window
+        w, hidden = self.config.window, self.config.hidden
         length = feats.shape[1]
-        h = self.proj(feats)  # [B, L, H]
-        padded = F.pad(h, (0, 0, w, w))  # [B, L + 2w, H]
-        windows = padded.unfold(1, w, 1).transpose(-1, -2)  # [B, L + w + 1, W, H]; row i covers i-w..i-1
-        left_win, right_win = windows[:, :length], windows[:, w : w + length]
+        padded = F.pad(self.proj(feats), (0, 0, w, w))  # [B, L + 2w, H]; padded row l + w is position l
         pos = torch.arange(length, device=feats.device)[:, None]
         offs = torch.arange(w, device=feats.device)[None, :]
-        left_valid = (pos - w + offs) >= 0
-        right_valid = (pos + offs) < length
-        lvec = self.left(left_win, left_valid)
-        rvec = self.right(right_win, right_valid)
+        lvec = self.left(padded, 0, length, (pos - w + offs) >= 0)  # keys l-w .. l-1
+        rvec = self.right(padded, w, length, (pos + offs) < length)  # keys l .. l+w-1
         cos = F.cosine_similarity(lvec, rvec, dim=-1, eps=1e-6).unsqueeze(-1)
-        fused = torch.cat([lvec, rvec, lvec - rvec, lvec * rvec, cos], dim=-1)
-        return self.mlp(fused).squeeze(-1)
+        # first MLP layer on [l, r, l - r, l * r, cos] without materialising the concatenation
+        first = self.mlp[0]
+        wl, wr, wd, wp, wc = first.weight.split([hidden, hidden, hidden, hidden, 1], dim=1)
+        x = F.linear(lvec, wl + wd, first.bias) + F.linear(rvec, wr - wd) + F.linear(lvec * rvec, wp) + cos * wc[:, 0]
+        return self.mlp[2](self.mlp[1](x)).squeeze(-1)
 
 
 # ------------------------------------------------------------- model fit
@@ -186,6 +196,9 @@ def save(net: BoundaryPredictor, path: str | os.PathLike[str], extra: dict[str, 
     }
     tmp = path.with_name(path.name + ".partial")
     save_file(state, str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors writes 0600; a predictor is meant to be shared
     tmp.replace(path)
     return path
 
