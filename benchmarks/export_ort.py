@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -118,14 +119,148 @@ def child(path: str, length: int, threads: int, seed: int) -> None:
     )
 
 
-def run_child(path: Path, length: int, threads: int, seed: int, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", str(path), str(length), str(threads), str(seed)]
+def layer_models(folder: Path, budget: int, chunk: int, sinks: int) -> dict[str, Path]:
+    """One global attention layer of the default model (Hq 4, Hkv 1, D 256) as its own ONNX file:
+    the dense graph's masked attention vs the two ai.edgeattn function bodies.  Isolates what
+    limits the portable path at long context (the O(L^2) buffers), without the other 17 layers."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeattn.export import ops
+    from edgeattn.export.onnx_builder import BOOL, OPSET, NodeBuilder
+
+    hq, hkv, d = 4, 1, 256
+    scale = 256**-0.5
+    inputs = [
+        helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, hq, "L", d]),
+        helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, hkv, "L", d]),
+        helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, hkv, "L", d]),
+    ]
+    out = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, hq, "L", d])]
+    files = {}
+    # dense: exactly the formulation of export/graph.py's dense layers
+    nb = NodeBuilder()
+    length = nb.dim(nb.op("Shape", "k"), 2)
+    pos = nb.op("Range", nb.scalar_i64(0), length, nb.scalar_i64(1))
+    causal = nb.op("LessOrEqual", nb.unsqueeze(pos, 0), nb.unsqueeze(pos, 1))
+    qg = nb.op("Reshape", "q", nb.i64(0, hkv, hq // hkv, -1, d))
+    scores = nb.op(
+        "Mul",
+        nb.op("MatMul", qg, nb.unsqueeze(nb.op("Transpose", "k", perm=[0, 1, 3, 2]), 2)),
+        nb.const(scale, np.float32),
+    )
+    scores = nb.op("Where", nb.op("Cast", causal, to=BOOL), scores, nb.const(np.finfo(np.float32).min, np.float32))
+    o = nb.op("MatMul", nb.op("Softmax", scores, axis=-1), nb.unsqueeze("v", 2))
+    nb.op("Reshape", o, nb.i64(0, hq, -1, d), outputs=["out"])
+    files["dense"] = helper.make_model(
+        helper.make_graph(nb.nodes, "dense_layer", inputs, out), opset_imports=[helper.make_opsetid("", OPSET)]
+    )
+    # DHSA: the two custom ops with fixed chunk boundaries
+    nb = NodeBuilder()
+    length = nb.dim(nb.op("Shape", "k"), 2)
+    c = nb.scalar_i64(chunk)
+    steps = nb.op("Range", nb.scalar_i64(0), nb.op("Add", length, c), c)
+    bounds = nb.op("Min", steps, nb.as_tensor(nb.unsqueeze(length, 0)))
+    sel, nsel = nb.op(
+        ops.OP_SELECT,
+        "q",
+        "k",
+        bounds,
+        domain=ops.DOMAIN,
+        outputs=2,
+        budget=budget,
+        sinks=sinks,
+        max_selected=ops.max_selected(budget, sinks, chunk),
+        normalize=1,
+    )
+    nb.op(
+        ops.OP_SPARSE,
+        "q",
+        "k",
+        "v",
+        bounds,
+        sel,
+        nsel,
+        domain=ops.DOMAIN,
+        outputs=["out"],
+        scaling=scale,
+        softcap=0.0,
+        window=0,
+        sinks=sinks,
+    )
+    files["dhsa"] = helper.make_model(
+        helper.make_graph(nb.nodes, "dhsa_layer", inputs, out),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)],
+        functions=ops.functions(),
+    )
+    paths = {}
+    for kind, model in files.items():
+        model.ir_version = 10
+        onnx.checker.check_model(model, full_check=True)
+        paths[kind] = folder / f"layer-{kind}-b{budget}-c{chunk}.onnx"
+        onnx.save_model(model, paths[kind])
+    return paths
+
+
+def layer_child(path: str, length: int, threads: int, seed: int) -> None:
+    """One attention layer at ``length`` tokens; prints a JSON line (time and sampled peak RSS)."""
+    import threading
+
+    import numpy as np
+    import onnxruntime as ort
+    import psutil
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    feed = {
+        "q": rng.standard_normal((1, 4, length, 256), np.float32),
+        "k": rng.standard_normal((1, 1, length, 256), np.float32),
+        "v": rng.standard_normal((1, 1, length, 256), np.float32),
+    }
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    sess.run(["out"], feed)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    print(
+        json.dumps(
+            {"prefill_s": seconds, "peak_rss_mib": peak[0] / 2**20, "activation_mib": (peak[0] - before) / 2**20}
+        )
+    )
+
+
+def run_child(
+    path: Path, length: int, threads: int, seed: int, timeout: float, mode: str = "--child", mem_limit_gib: float = 0
+) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, mode, str(path), str(length), str(threads), str(seed)]
+    if mem_limit_gib:  # fail with an allocation error rather than wake the OOM killer on a shared machine
+        limit = int(mem_limit_gib * 2**20)
+        cmd = ["bash", "-c", f"ulimit -v {limit} && exec " + " ".join(cmd)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
     if proc.returncode != 0:
+        alloc = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", proc.stderr)
+        if alloc:
+            cap = f" under the {mem_limit_gib:g} GiB cap" if mem_limit_gib else ""
+            return {"error": f"OOM: {int(alloc.group(1)) / 2**30:.1f} GiB buffer{cap}"}
         why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
         tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
         return {"error": f"{why}: {tail}"}
@@ -153,8 +288,9 @@ def ensure_exports(
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("--child", "--layer-child"):
+        fn = child if sys.argv[1] == "--child" else layer_child
+        fn(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2K,8K,16K", help="prompt lengths, e.g. 2K,8K,16K or 2048,8192")
@@ -168,12 +304,24 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run before it counts as failed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the records as JSON here")
+    ap.add_argument(
+        "--layer-only",
+        action="store_true",
+        help="time one global attention layer (dense subgraph vs the two ai.edgeattn ops) instead of the model",
+    )
+    ap.add_argument("--mem-limit-gib", type=float, default=0, help="virtual-memory cap per run (ulimit -v); 0: none")
     args = ap.parse_args()
 
     lengths = parse_lengths(args.lengths)
-    files = ensure_exports(args.dir, args.model, args.budget, args.chunk_size, args.sinks, args.force_export)
+    mode = "--layer-child" if args.layer_only else "--child"
+    if args.layer_only:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        files = layer_models(args.dir, args.budget, args.chunk_size, args.sinks)
+    else:
+        files = ensure_exports(args.dir, args.model, args.budget, args.chunk_size, args.sinks, args.force_export)
     load = os.getloadavg()
-    print(f"ONNX Runtime prefill, exported {args.model or 'gemma3-270m'} (fp32), dense file vs DHSA file")
+    what = "one global attention layer (Hq 4, Hkv 1, D 256)" if args.layer_only else "the exported model"
+    print(f"ONNX Runtime prefill of {what} (fp32), dense vs DHSA ({args.model or 'gemma3-270m'})")
     print(f"CPU: {cpu_model()} | threads: {args.threads} | logical CPUs: {os.cpu_count()}")
     print(
         f"load average at start: {load[0]:.2f} | DHSA budget {args.budget}, chunk {args.chunk_size}, sinks {args.sinks}"
@@ -183,7 +331,7 @@ def main() -> None:
     for length in lengths:
         row: dict[str, Any] = {"length": length}
         for kind, path in files.items():
-            r = run_child(path, length, args.threads, args.seed, args.timeout)
+            r = run_child(path, length, args.threads, args.seed, args.timeout, mode, args.mem_limit_gib)
             print(f"  {kind:5s} {length:6d}: {json.dumps(r)}", file=sys.stderr, flush=True)
             records.append({"kind": kind, "length": length, **r})
             row[f"{kind}_s"] = round(r["prefill_s"], 2) if "prefill_s" in r else r["error"]
@@ -193,7 +341,8 @@ def main() -> None:
             row["speed"] = round(records[-2]["prefill_s"] / records[-1]["prefill_s"], 2)
             row["mem"] = round(records[-1]["peak_rss_mib"] / records[-2]["peak_rss_mib"], 2)
             row["act"] = round(records[-1]["activation_mib"] / max(records[-2]["activation_mib"], 1e-9), 2)
-            row["top1_same"] = records[-1]["top1"] == records[-2]["top1"]
+            if "top1" in records[-1]:
+                row["top1_same"] = records[-1]["top1"] == records[-2]["top1"]
         rows.append(row)
         lines = table([row], COLUMNS).splitlines()
         print("\n".join(lines if len(rows) == 1 else lines[-1:]), flush=True)
@@ -207,6 +356,7 @@ def main() -> None:
             "chunk_size": args.chunk_size,
             "sinks": args.sinks,
             "files": {k: str(p) for k, p in files.items()},
+            "layer_only": args.layer_only,
         }
         write_json(args.json, records, meta)
 
