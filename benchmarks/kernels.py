@@ -8,6 +8,9 @@ FLOPs: dense counts 2·2·D·L²/2 per query head (causal); DHSA counts the scor
 (kept key tokens per query, from the selection the kernel made) × 2·2·D.  The DHSA time is
 selection (pooling + chunk scores + budgeted selection) + sparse attention; both are shown.
 "peak extra MiB" is the growth of the process RSS during the call (inputs/outputs excluded).
+"CPU util" = process CPU time / (wall time x threads): well below 1 means the machine was busy
+with other work (or threads idled) and the wall times are pessimistic; "GFLOP/cpu-s" and
+"x SDPA cpu-s" are the same figures per CPU second consumed, which other load disturbs far less.
 
     python benchmarks/kernels.py                         # L = 4K, 16K, 32K, 64K, 2 threads
     python benchmarks/kernels.py --quick                 # smoke run (1K, 4K)
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -112,109 +116,114 @@ def ort_session(threads: int):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    threads = C.set_threads(args.threads)  # before TVM starts its thread pool
+class Bench:
+    """Everything one run needs: kernels, sessions, options; :meth:`length` measures one L."""
 
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from edgeattn import dhsa
-    from edgeattn.config import AttentionConfig
-    from edgeattn.kernels_tvm import registry
-    from edgeattn.kernels_tvm.abi import OP_DENSE, OP_SELECT, OP_SPARSE
-    from edgeattn.runtime.measure import MIB, PeakRSS
+    def __init__(self, args: argparse.Namespace, threads: int) -> None:
+        from edgeattn.config import AttentionConfig
+        from edgeattn.kernels_tvm import registry
+        from edgeattn.kernels_tvm.abi import OP_DENSE, OP_SELECT, OP_SPARSE
 
-    lengths = [1024, 4096] if args.quick else [int(x) for x in args.lengths.split(",") if x]
-    impls = [x for x in args.impls.split(",") if x]
-    for x in impls:
-        if x not in IMPLS:
-            raise SystemExit(f"unknown implementation {x!r}; choose from {', '.join(IMPLS)}")
-    cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=CHUNK, sinks=SINKS)
-    target = registry.host_target()
-    common = dict(heads_q=HQ, heads_kv=HKV, head_dim=D)
-    sel_k = registry.get_kernel(OP_SELECT, target, budget=cfg.budget, sinks=SINKS, **common)
-    sparse_k = registry.get_kernel(OP_SPARSE, target, sinks=SINKS, **common)
-    dense_k = registry.get_kernel(OP_DENSE, target, **common)
-    compile_s = sel_k.compile_s + sparse_k.compile_s + dense_k.compile_s
-    ort_sess = ort_session(threads) if "ort-gqa" in impls else None
+        self.args, self.threads, self.registry = args, threads, registry
+        self.impls = [x for x in args.impls.split(",") if x]
+        for x in self.impls:
+            if x not in IMPLS:
+                raise SystemExit(f"unknown implementation {x!r}; choose from {', '.join(IMPLS)}")
+        self.cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=CHUNK, sinks=SINKS)
+        self.target = registry.host_target()
+        common = dict(heads_q=HQ, heads_kv=HKV, head_dim=D)
+        self.sel_k = registry.get_kernel(OP_SELECT, self.target, budget=args.budget, sinks=SINKS, **common)
+        self.sparse_k = registry.get_kernel(OP_SPARSE, self.target, sinks=SINKS, **common)
+        self.dense_k = registry.get_kernel(OP_DENSE, self.target, **common)
+        self.compile_s = self.sel_k.compile_s + self.sparse_k.compile_s + self.dense_k.compile_s
+        self.ort = ort_session(threads) if "ort-gqa" in self.impls else None
 
-    print(C.header(f"Attention kernels, Hq={HQ} Hkv={HKV} D={D}, causal prefill, DHSA budget {cfg.budget}, "
-                   f"chunk {CHUNK}, sinks {SINKS}", threads))
-    print(f"TVM target: {target} (kernels compiled in {compile_s:.1f}s, once for every length)", flush=True)
+    def warm_up(self) -> None:
+        """Start every thread pool once (TVM, torch, ORT) on a small problem."""
+        import torch
 
-    records = []
-    gen = torch.Generator().manual_seed(args.seed)
-    # start every thread pool once (TVM, torch, ORT) on a small problem
-    registry.run_layer(torch.randn(1, HQ, 256, D), torch.randn(1, HKV, 256, D), torch.randn(1, HKV, 256, D), cfg)
-    registry.run_layer(torch.randn(1, HQ, 256, D), torch.randn(1, HKV, 256, D), torch.randn(1, HKV, 256, D),
-                       AttentionConfig(kind="dense"))
-    for length in lengths:
+        from edgeattn.config import AttentionConfig
+
+        small = (torch.randn(1, HQ, 256, D), torch.randn(1, HKV, 256, D), torch.randn(1, HKV, 256, D))
+        self.registry.run_layer(*small, self.cfg)
+        self.registry.run_layer(*small, AttentionConfig(kind="dense"))
+
+    def length(self, length: int, gen) -> list[dict]:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        from edgeattn import dhsa
+        from edgeattn.runtime.measure import MIB, PeakRSS
+
+        args, reg, threads, impls = self.args, self.registry, self.threads, self.impls
         reps = args.repeats or (1 if args.quick or length > 8192 else 3)
+        warm = length <= 8192  # an untimed first run where it is cheap
         q = torch.randn(1, HQ, length, D, generator=gen)
         k = torch.randn(1, HKV, length, D, generator=gen)
         v = torch.randn(1, HKV, length, D, generator=gen)
         q0, k0, v0 = q[0], k[0], v[0]
         bnd = dhsa.fixed_boundaries(length, CHUNK).to(torch.int32)
-        bt = registry.empty(bnd.shape, "int32").copy_(bnd)
+        bt = reg.empty(bnd.shape, "int32").copy_(bnd)
         nc = len(bnd) - 1
-        m = registry.selection_width(bnd.numpy(), cfg.budget, SINKS)
-        sel = registry.empty((HKV, nc, m), "int32")
-        nsel = registry.empty((HKV, nc), "int32")
-        out = registry.empty((HQ, length, D))
+        m = reg.selection_width(bnd.numpy(), args.budget, SINKS)
+        # outputs allocated and touched up front: "peak extra" is then the kernels' own memory
+        sel = reg.empty((HKV, nc, m), "int32").fill_(-1)
+        nsel = reg.empty((HKV, nc), "int32").fill_(-1)
+        out = reg.empty((HQ, length, D)).fill_(float("nan"))
         baselines = not args.baseline_max_length or length <= args.baseline_max_length
-        sdpa_s = None
-        rows = {}
+        rows: dict[str, dict] = {}
 
-        def record(impl, times, flops, peak, **extra):
+        def measure(impl, fn, flops, warm=warm):
+            if warm:
+                fn()
+            c0 = time.process_time()
+            with PeakRSS() as mem:
+                times = C.time_it(fn, reps)
+            cpu_s = time.process_time() - c0
             lat = C.median(times)
-            rec = dict(impl=impl, length=length, latency_s=lat, min_s=min(times), times_s=times,
-                       gflops=flops / lat / 1e9, peak_extra_mib=peak / MIB, threads=threads, budget=cfg.budget,
-                       heads_q=HQ, heads_kv=HKV, head_dim=D, chunk=CHUNK, sinks=SINKS, **extra)
-            rows[impl] = rec
-            return rec
+            rows[impl] = dict(
+                impl=impl, length=length, latency_s=lat, min_s=min(times), times_s=times,
+                cpu_s=cpu_s, cpu_util=cpu_s / (sum(times) * threads), gflops=flops / lat / 1e9,
+                peak_extra_mib=mem.extra / MIB, threads=threads, budget=args.budget, heads_q=HQ, heads_kv=HKV,
+                head_dim=D, chunk=CHUNK, sinks=SINKS, flops=flops, gflops_cpu=flops * len(times) / cpu_s / 1e9,
+            )  # fmt: skip
+            return rows[impl]
 
         if "tvm-dhsa" in impls:
-            sel_k(q0, k0, bt, sel, nsel)  # warm: thread pool, workspace pool at this length
-            if length <= 8192:
-                sparse_k(q0, k0, v0, bt, sel, nsel, out)
-            sel_t, att_t = [], []
-            with PeakRSS() as mem:
-                for _ in range(reps):
-                    t = C.time_it(lambda: sel_k(q0, k0, bt, sel, nsel))[0]
-                    a = C.time_it(lambda: sparse_k(q0, k0, v0, bt, sel, nsel, out))[0]
-                    sel_t.append(t)
-                    att_t.append(a)
-            tot = [s + a for s, a in zip(sel_t, att_t)]
-            kept = dhsa_kept_scores(sel.numpy(), nsel.numpy(), bnd.numpy(), SINKS)
-            err = None
-            if length <= args.check_max_length:
-                ref = dhsa.attention(q, k, v, cfg)[0]
-                err = float((out - ref).abs().max() / ref.abs().max())
-            record("tvm-dhsa", tot, kept * 2 * 2 * D, mem.extra, select_s=C.median(sel_t),
-                   attention_s=C.median(att_t), select_frac=C.median(sel_t) / C.median(tot),
-                   kept_fraction=kept / (HQ * length * (length + 1) / 2), rel_err=err)
-        if baselines and "tvm-dense" in impls:
-            if length <= 8192:
-                dense_k(q0, k0, v0, out)
-            with PeakRSS() as mem:
-                times = C.time_it(lambda: dense_k(q0, k0, v0, out), reps)
-            record("tvm-dense", times, dense_flops(length), mem.extra)
-            dense_out = out.clone() if length <= args.check_max_length else None
-        if baselines and "torch-sdpa" in impls:
-            def sdpa():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            parts = {"select": [], "attention": []}
 
-            if length <= 8192:
-                sdpa()
-            with PeakRSS() as mem:
-                times = C.time_it(sdpa, reps)
-            rec = record("torch-sdpa", times, dense_flops(length), mem.extra)
-            sdpa_s = rec["latency_s"]
-            if "tvm-dense" in rows and dense_out is not None:
-                ref = sdpa()[0]
-                rows["tvm-dense"]["rel_err"] = float((dense_out - ref).abs().max() / ref.abs().max())
-        if baselines and ort_sess is not None:
+            def dhsa_layer():
+                t0 = time.perf_counter()
+                self.sel_k(q0, k0, bt, sel, nsel)
+                t1 = time.perf_counter()
+                self.sparse_k(q0, k0, v0, bt, sel, nsel, out)
+                parts["select"].append(t1 - t0)
+                parts["attention"].append(time.perf_counter() - t1)
+
+            self.sel_k(q0, k0, bt, sel, nsel)
+            kept = dhsa_kept_scores(sel.numpy(), nsel.numpy(), bnd.numpy(), SINKS)
+            if warm:
+                self.sparse_k(q0, k0, v0, bt, sel, nsel, out)
+            rec = measure("tvm-dhsa", dhsa_layer, kept * 2 * 2 * D, warm=False)
+            sel_s, att_s = C.median(parts["select"]), C.median(parts["attention"])
+            rec.update(select_s=sel_s, attention_s=att_s, select_frac=sel_s / (sel_s + att_s))
+            rec["kept_fraction"] = kept / (HQ * length * (length + 1) / 2)
+            if length <= args.check_max_length:
+                ref = dhsa.attention(q, k, v, self.cfg)[0]
+                rec["rel_err"] = float((out - ref).abs().max() / ref.abs().max())
+        if baselines and "tvm-dense" in impls:
+            rec = measure("tvm-dense", lambda: self.dense_k(q0, k0, v0, out), dense_flops(length))
+            if length <= args.check_max_length:
+                ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[0]
+                rec["rel_err"] = float((out - ref).abs().max() / ref.abs().max())
+        if baselines and "torch-sdpa" in impls:
+            measure(
+                "torch-sdpa",
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                dense_flops(length),
+            )
+        if baselines and self.ort is not None:
             feed = dict(
                 query=q.transpose(1, 2).reshape(1, length, HQ * D).numpy(),
                 key=k.transpose(1, 2).reshape(1, length, HKV * D).numpy(),
@@ -224,31 +233,71 @@ def main(argv=None) -> int:
                 seqlens_k=np.array([length - 1], np.int32),
                 total_sequence_length=np.array(length, np.int32),
             )
-            if length <= 8192:
-                ort_sess.run(["output"], feed)
+            measure("ort-gqa", lambda: self.ort.run(["output"], feed), dense_flops(length))
+        if "tvm-dhsa" in rows and len(rows) > 1:
+            # DHSA again after the (long) baselines: both halves see the same machine load
+            rec = rows["tvm-dhsa"]
+            c0 = time.process_time()
             with PeakRSS() as mem:
-                times = C.time_it(lambda: ort_sess.run(["output"], feed), reps)
-            record("ort-gqa", times, dense_flops(length), mem.extra)
-        for impl in IMPLS:
-            if impl in rows:
-                rec = rows[impl]
-                rec["speedup_vs_sdpa"] = sdpa_s / rec["latency_s"] if sdpa_s else None
-                records.append(rec)
-                line = C.table([rec], COLUMNS).splitlines()[-1]
-                print(line if len(records) > 1 else C.table([rec], COLUMNS), flush=True)
-        del q, k, v, q0, k0, v0, out
+                times = C.time_it(dhsa_layer, reps)
+            rec["times_s"] += times
+            rec["cpu_s"] += time.process_time() - c0
+            all_t = rec["times_s"]
+            rec.update(latency_s=C.median(all_t), min_s=min(all_t), cpu_util=rec["cpu_s"] / (sum(all_t) * threads))
+            rec["gflops_cpu"] = rec["flops"] * len(all_t) / rec["cpu_s"] / 1e9
+            rec["peak_extra_mib"] = max(rec["peak_extra_mib"], mem.extra / MIB)
+            rec["gflops"] = kept * 2 * 2 * D / rec["latency_s"] / 1e9
+            sel_s, att_s = C.median(parts["select"]), C.median(parts["attention"])
+            rec.update(select_s=sel_s, attention_s=att_s, select_frac=sel_s / (sel_s + att_s))
+        sdpa_s = rows["torch-sdpa"]["latency_s"] if "torch-sdpa" in rows else None
+        records = [rows[i] for i in IMPLS if i in rows]
+        sdpa_cpu = rows["torch-sdpa"]["gflops_cpu"] / rows["torch-sdpa"]["flops"] if "torch-sdpa" in rows else None
+        for rec in records:
+            rec["speedup_vs_sdpa"] = sdpa_s / rec["latency_s"] if sdpa_s else None
+            # the same ratio in CPU seconds per call (robust to other load on the machine)
+            rec["cpu_speedup_vs_sdpa"] = rec["gflops_cpu"] / rec["flops"] / sdpa_cpu if sdpa_cpu else None
+        return records
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = C.set_threads(args.threads)  # before TVM starts its thread pool
+
+    import torch
+
+    lengths = [1024, 4096] if args.quick else [int(x) for x in args.lengths.split(",") if x]
+    bench = Bench(args, threads)
+    print(
+        C.header(
+            f"Attention kernels, Hq={HQ} Hkv={HKV} D={D}, causal prefill, DHSA budget {args.budget}, "
+            f"chunk {CHUNK}, sinks {SINKS}",
+            threads,
+        )
+    )
+    print(f"TVM target: {bench.target} (kernels compiled in {bench.compile_s:.1f}s, once for every length)")
+    bench.warm_up()
+    records: list[dict] = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for length in lengths:
+        new = bench.length(length, gen)
+        lines = C.table(new, COLUMNS).splitlines()
+        print("\n".join(lines if not records else lines[2:]), flush=True)
+        records.extend(new)
 
     print()
     print(C.header("Summary", threads))
     print(C.table(records, COLUMNS))
-    dh = {r["length"]: r for r in records if r["impl"] == "tvm-dhsa"}
-    for length, r in dh.items():
-        if r.get("speedup_vs_sdpa"):
-            print(f"L={length}: TVM DHSA {r['speedup_vs_sdpa']:.1f}x SDPA, selection {100 * r['select_frac']:.1f}% "
-                  f"of DHSA time, keeps {100 * r['kept_fraction']:.1f}% of the causal scores")
+    for r in records:
+        if r["impl"] == "tvm-dhsa" and r.get("speedup_vs_sdpa"):
+            print(
+                f"L={r['length']}: TVM DHSA {r['speedup_vs_sdpa']:.1f}x SDPA wall-clock "
+                f"({r['cpu_speedup_vs_sdpa']:.1f}x in CPU seconds), selection "
+                f"{100 * r['select_frac']:.1f}% of DHSA time, keeps {100 * r['kept_fraction']:.1f}% "
+                "of the causal scores"
+            )
     if args.json:
-        C.write_json(args.json, records, meta=dict(threads=threads, target=str(target), lengths=lengths,
-                                                   budget=cfg.budget, compile_s=compile_s))
+        meta = dict(threads=threads, target=str(bench.target), lengths=lengths, budget=args.budget)
+        C.write_json(args.json, records, meta=dict(meta, compile_s=bench.compile_s, argv=sys.argv[1:]))
         print(f"wrote {args.json}")
     return 0
 
@@ -260,6 +309,9 @@ COLUMNS = [
     ("select_s", "select s"),
     ("gflops", "GFLOP/s"),
     ("speedup_vs_sdpa", "x SDPA"),
+    ("gflops_cpu", "GFLOP/cpu-s"),
+    ("cpu_speedup_vs_sdpa", "x SDPA cpu-s"),
+    ("cpu_util", "CPU util"),
     ("peak_extra_mib", "peak extra MiB"),
     ("rel_err", "rel err"),
 ]
