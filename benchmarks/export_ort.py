@@ -189,6 +189,7 @@ def layer_models(folder: Path, budget: int, chunk: int, sinks: int) -> dict[str,
         window=0,
         sinks=sinks,
     )
+    nb.nodes[-1].overload = ops.NO_SOFTCAP  # as the exporter does for models without softcapping
     files["dhsa"] = helper.make_model(
         helper.make_graph(nb.nodes, "dhsa_layer", inputs, out),
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)],

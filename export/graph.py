@@ -358,7 +358,7 @@ class _GemmaWriter:
             max_selected=ops.max_selected(cfg.budget, cfg.sinks, min_chunk),
             normalize=1 if cfg.kind == "dhsa" else 0,
         )
-        return nb.op(
+        out = nb.op(
             ops.OP_SPARSE,
             q,
             k,
@@ -373,6 +373,9 @@ class _GemmaWriter:
             window=int(window or 0),
             sinks=cfg.sinks,
         )
+        if not f.attn_softcap:
+            nb.nodes[-1].overload = ops.NO_SOFTCAP  # the body without the capping nodes
+        return out
 
 
 def build_onnx(model: Any, spec: GraphSpec) -> onnx.ModelProto:

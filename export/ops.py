@@ -36,6 +36,8 @@ DOMAIN_VERSION = 1
 # Distinctive names: TVM's frontend dispatches on op_type alone (never `Attention`).
 OP_SELECT = "DHSAChunkSelect"
 OP_SPARSE = "DHSASparseAttention"
+# Function overload of DHSASparseAttention for nodes with softcap == 0 (no capping nodes in the body).
+NO_SOFTCAP = "nosoftcap"
 
 
 def _common_sizes(nb: NodeBuilder, q: str, k: str, boundaries: str) -> dict[str, str]:
@@ -183,13 +185,18 @@ def chunk_select_function() -> onnx.FunctionProto:
     )
 
 
-def sparse_attention_function() -> onnx.FunctionProto:
-    """FunctionProto of DHSASparseAttention (see OPS.md for the contract)."""
+def sparse_attention_function(with_softcap: bool = True) -> onnx.FunctionProto:
+    """FunctionProto of DHSASparseAttention (see OPS.md for the contract).
+
+    ``with_softcap=False`` gives the overload ``nosoftcap``: the same op for nodes whose
+    ``softcap`` is 0, without the capping nodes, which would otherwise cost three extra
+    passes (and buffers) over the O(Lq * Lk) score tensor in runtimes that execute both
+    branches of a Where (ONNX Runtime does).
+    """
     nb = NodeBuilder()
     q, k, v, boundaries, sel = "q", "k", "v", "boundaries", "sel"
     s = _common_sizes(nb, q, k, boundaries)
     scaling = nb.op("CastLike", nb.attr_const("scaling", "float"), q)
-    softcap = nb.op("CastLike", nb.attr_const("softcap", "float"), q)
     window = nb.attr_const("window", "int")
     sinks = nb.attr_const("sinks", "int")
     zero = nb.scalar_i64(0)
@@ -209,9 +216,10 @@ def sparse_attention_function() -> onnx.FunctionProto:
     q_chunk = nb.op("Sub", nb.op("Gather", k_chunk, qpos), offset, hint="query_chunk")  # query-chunk index
     # chunk-level kept mask from the id lists: [B,H,Nq,M,1] == [Nc] -> any over M
     hit = nb.op("Cast", nb.op("Equal", nb.unsqueeze(sel, 4), s["x"]), to=INT32)
-    kept_chunks = nb.op("ReduceMax", hit, nb.i64(3), keepdims=0)  # [B,H,Nq,Nc]
+    kept_chunks = nb.op("Cast", nb.op("ReduceMax", hit, nb.i64(3), keepdims=0), to=BOOL)  # [B,H,Nq,Nc]
+    # upsample to tokens as bool (1 byte per score, the token mask is the O(Lq * Lk) part)
     kept = nb.op("Gather", nb.op("Gather", kept_chunks, q_chunk, axis=2), k_chunk, axis=3)  # [B,H,Lq,Lk]
-    visible = nb.op("Or", nb.op("Cast", kept, to=BOOL), nb.op("Less", tok, sinks))
+    visible = nb.op("Or", kept, nb.op("Less", tok, sinks))
     q_col = nb.unsqueeze(qpos, 1)
     causal = nb.op("LessOrEqual", nb.unsqueeze(tok, 0), q_col)  # [Lq, Lk]
     in_window = nb.op(
@@ -222,24 +230,30 @@ def sparse_attention_function() -> onnx.FunctionProto:
     # exact attention, query heads grouped per KV head: [B,Hkv,g,Lq,D] x [B,Hkv,1,D,Lk]
     qg = nb.op("Reshape", q, s["grouped"])
     scores = nb.op("Mul", nb.op("MatMul", qg, nb.unsqueeze(nb.op("Transpose", k, perm=[0, 1, 3, 2]), 2)), scaling)
-    # softcap 0 = off; divide by 1 then (TVM rejects a division by the constant 0 even in a dead branch)
-    capping = nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q))
-    safe_cap = nb.op("Where", capping, softcap, nb.op("CastLike", nb.const(1.0, np.float32), q))
-    capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, safe_cap)), safe_cap)
-    scores = nb.op("Where", capping, capped, scores)
+    if with_softcap:
+        # softcap 0 = off; divide by 1 then (TVM rejects a division by the constant 0 even in a dead branch)
+        softcap = nb.op("CastLike", nb.attr_const("softcap", "float"), q)
+        capping = nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q))
+        safe_cap = nb.op("Where", capping, softcap, nb.op("CastLike", nb.const(1.0, np.float32), q))
+        capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, safe_cap)), safe_cap)
+        scores = nb.op("Where", capping, capped, scores)
     neg_inf = nb.op("CastLike", nb.const(-np.inf, np.float32), q)
     scores = nb.op("Where", nb.unsqueeze(mask, 2), scores, neg_inf)
     probs = nb.op("Softmax", scores, axis=-1)
     out = nb.op("MatMul", probs, nb.unsqueeze(v, 2))
     nb.op("Reshape", out, s["shape_q"], outputs=["out"])
-    return _function(
+    fn = _function(
         OP_SPARSE,
         ["q", "k", "v", "boundaries", "sel", "nsel"],
         ["out"],
         nb,
         {"scaling": None, "softcap": 0.0, "window": 0, "sinks": 4},
-        "DHSA sparse attention: exact softmax over the sinks and the kept key chunks (see export/OPS.md).",
+        "DHSA sparse attention: exact softmax over the sinks and the kept key chunks (see export/OPS.md)."
+        + ("" if with_softcap else " Overload for softcap == 0."),
     )
+    if not with_softcap:
+        fn.overload = NO_SOFTCAP
+    return fn
 
 
 def _function(
@@ -264,7 +278,7 @@ def _function(
 
 def functions() -> list[onnx.FunctionProto]:
     """Every ai.edgeattn function, to attach to a model (``model.functions``)."""
-    return [chunk_select_function(), sparse_attention_function()]
+    return [chunk_select_function(), sparse_attention_function(), sparse_attention_function(with_softcap=False)]
 
 
 def max_selected(budget: int, sinks: int, min_chunk: int) -> int:
