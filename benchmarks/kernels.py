@@ -175,6 +175,7 @@ class Bench:
         rows: dict[str, dict] = {}
 
         def measure(impl, fn, flops, warm=warm):
+            time.sleep(0.5)  # let the previous library's spinning worker threads go idle
             if warm:
                 fn()
             c0 = time.process_time()
@@ -237,6 +238,7 @@ class Bench:
         if "tvm-dhsa" in rows and len(rows) > 1:
             # DHSA again after the (long) baselines: both halves see the same machine load
             rec = rows["tvm-dhsa"]
+            time.sleep(0.5)
             c0 = time.process_time()
             with PeakRSS() as mem:
                 times = C.time_it(dhsa_layer, reps)

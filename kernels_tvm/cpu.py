@@ -42,7 +42,6 @@ class CpuSchedule:
     rb: int = 16  # ... x rows (vector)
     ri: int = 4  # PV-GEMM register tile: rows (broadcast) ...
     db: int = 16  # ... x head dims (vector)
-    pv_d_outer: bool = False  # PV loop order: head-dim blocks outside the row blocks
 
 
 def target_lanes(target: tvm.target.Target) -> int:
@@ -72,21 +71,22 @@ def schedule_for(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule:
         jb, rb, ri, db = 4, 16, 4, 16
     else:  # NEON: 32 q registers of 4 lanes
         jb, rb, ri, db = 8, 8, 8, 8
-    if spec.op == OP_DENSE and lanes == 8:
-        # dense rows are free to choose: R = 192 = 8 x 24 allows 12-accumulator tiles on AVX2
-        # (4 keys x 3 vectors in S, 6 rows x 2 vectors in PV)
-        qt = max(lanes, 192 // g)
+    if lanes == 8:
+        # AVX2 (16 ymm): 12-accumulator tiles, 4 keys x 3 vectors in S, 6 rows x 2 vectors in PV;
+        # dense rows are free to choose (R = 192 = 8 x 24 has no tail block)
         jb, rb, ri, db = 4, 24, 6, 16
+    if spec.op == OP_DENSE and lanes == 8:
+        qt = max(lanes, 192 // g)
     elif spec.op == OP_DENSE:
         qt = max(lanes, 128 // g)
     else:
         # DHSA: a query chunk (32 tokens by default) is one tile per head
         qt = max(lanes, min(32, 128 // g))
     r = g * qt
-    while r % rb or rb % lanes:
+    # tail blocks handle R % rb and R % ri; only keep blocks no wider than R
+    while rb > r or rb % lanes:
         rb = rb // 2 if rb % 3 else rb // 3 * 2
-    while r % ri:
-        ri = ri // 2 if ri % 3 else ri // 3 * 2
+    ri = min(ri, r)
     while d % db or db % lanes:
         db //= 2
     if lanes < 8:
@@ -106,45 +106,76 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
     sinks = int(spec.sinks)
     vl, qt, kt, jb, rb, ri, db = sch.lanes, sch.qt, sch.kt, sch.jb, sch.rb, sch.ri, sch.db
     r_rows = g * qt
-    assert r_rows % rb == 0 and r_rows % ri == 0 and r_rows % vl == 0 and qt % vl == 0
-    assert kt % jb == 0 and d % db == 0
-    assert rb % vl == 0 and db % vl == 0
+    # row blocks: full blocks of rb (S-GEMM) / ri (PV) rows plus one narrower tail block
+    assert r_rows % vl == 0 and qt % vl == 0 and rb % vl == 0 and db % vl == 0 and d % db == 0
     nvr = rb // vl
     nvd = db // vl
     nrb = r_rows // rb
+    rb_tail = r_rows % rb  # a multiple of vl
+    nrb_all = nrb + (1 if rb_tail else 0)
     nri = r_rows // ri
+    ri_tail = r_rows % ri
     ndb = d // db
     nrv = r_rows // vl
     # window as "p - j <= winm1"; without a window a bound no position reaches
     winm1 = win - 1 if win > 0 else (1 << 30)
     neg_inf = -3.0e38  # finite "minus infinity": keeps the max/exp arithmetic NaN-free
     sym = SYMBOL[OP_SPARSE if sparse else OP_DENSE]
-    pv_d_outer = sch.pv_d_outer
 
     def score(x):
         return softcapped(x, cap)
 
     @T.macro
+    def sgemm(h, j0, kn, rbo, nv, Qt, S, K, Lk):
+        # S^T[j, rbo*rb + (0 .. nv*vl)] for the keys of the tile: jb keys x nv vectors in registers
+        for jbo in range((kn + jb - 1) // jb):
+            acc = T.alloc_buffer((jb, nv * vl), "float32", scope="local")
+            for jj in T.unroll(jb):
+                for rv in T.unroll(nv):
+                    for rr in T.vectorized(vl):
+                        acc[jj, rv * vl + rr] = T.float32(0)
+            for dd in range(d):
+                for jj in T.unroll(jb):
+                    for rv in T.unroll(nv):
+                        for rr in T.vectorized(vl):
+                            acc[jj, rv * vl + rr] = (
+                                acc[jj, rv * vl + rr]
+                                + T.Cast("float32", K[h, T.min(j0 + jbo * jb + jj, Lk - 1), dd])
+                                * Qt[rbo, dd, rv * vl + rr]
+                            )
+            for jj in T.unroll(jb):
+                for rv in T.unroll(nv):
+                    for rr in T.vectorized(vl):
+                        S[jbo * jb + jj, rbo * rb + rv * vl + rr] = acc[jj, rv * vl + rr]
+
+    @T.macro
+    def pv(h, j0, kn, r0, nr, S, O, alpha, V):
+        # O[r0 .. r0+nr, :] = alpha * O + P V: nr rows x db dims in registers
+        for dbo in range(ndb):
+            acc2 = T.alloc_buffer((nr, db), "float32", scope="local")
+            for ii in T.unroll(nr):
+                for dw in T.unroll(nvd):
+                    for dv in T.vectorized(vl):
+                        acc2[ii, dw * vl + dv] = O[r0 + ii, dbo * db + dw * vl + dv] * alpha[r0 + ii]
+            for j in range(kn):
+                for ii in T.unroll(nr):
+                    for dw in T.unroll(nvd):
+                        for dv in T.vectorized(vl):
+                            acc2[ii, dw * vl + dv] = acc2[ii, dw * vl + dv] + S[j, r0 + ii] * T.Cast(
+                                "float32", V[h, j0 + j, dbo * db + dw * vl + dv]
+                            )
+            for ii in T.unroll(nr):
+                for dw in T.unroll(nvd):
+                    for dv in T.vectorized(vl):
+                        O[r0 + ii, dbo * db + dw * vl + dv] = acc2[ii, dw * vl + dv]
+
+    @T.macro
     def tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, need_mask):
-        # 1. S^T = K_tile Qt
+        # 1. S^T = K_tile Qt (full row blocks, then the tail block)
         for rbo in range(nrb):
-            for jbo in range((kn + jb - 1) // jb):
-                acc = T.alloc_buffer((jb, rb), "float32", scope="local")
-                for jj in T.unroll(jb):
-                    for rv in T.unroll(nvr):
-                        for rr in T.vectorized(vl):
-                            acc[jj, rv * vl + rr] = T.float32(0)
-                for dd in range(d):
-                    for jj in T.unroll(jb):
-                        for rv in T.unroll(nvr):
-                            for rr in T.vectorized(vl):
-                                acc[jj, rv * vl + rr] = acc[jj, rv * vl + rr] + T.Cast(
-                                    "float32", K[h, T.min(j0 + jbo * jb + jj, Lk - 1), dd]
-                                ) * Qt[rbo, dd, rv * vl + rr]
-                for jj in T.unroll(jb):
-                    for rv in T.unroll(nvr):
-                        for rr in T.vectorized(vl):
-                            S[jbo * jb + jj, rbo * rb + rv * vl + rr] = acc[jj, rv * vl + rr]
+            sgemm(h, j0, kn, rbo, nvr, Qt, S, K, Lk)
+        if rb_tail > 0:
+            sgemm(h, j0, kn, nrb, rb_tail // vl, Qt, S, K, Lk)
         # 2. softcap, mask, online softmax (vectorised over rows)
         for rv in range(nrv):
             mt = T.alloc_buffer((vl,), "float32", scope="local")
@@ -156,8 +187,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 for j in range(kn):
                     for lane in T.vectorized(vl):
                         S[j, rv * vl + lane] = T.Select(
-                            (j0 + j <= qa + (rv * vl) % qt + lane)
-                            and (qa + (rv * vl) % qt + lane - (j0 + j) <= winm1),
+                            (j0 + j <= qa + (rv * vl) % qt + lane) and (qa + (rv * vl) % qt + lane - (j0 + j) <= winm1),
                             score(S[j, rv * vl + lane]),
                             T.float32(neg_inf),
                         )
@@ -184,48 +214,10 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 l[rv * vl + lane] = l[rv * vl + lane] * alpha[rv * vl + lane] + ls[lane]
                 m[rv * vl + lane] = mt[lane]
         # 3. O = alpha * O + P V
-        if pv_d_outer:
-            for dbo in range(ndb):
-                for rio in range(nri):
-                    acc2 = T.alloc_buffer((ri, db), "float32", scope="local")
-                    for ii in T.unroll(ri):
-                        for dw in T.unroll(nvd):
-                            for dv in T.vectorized(vl):
-                                acc2[ii, dw * vl + dv] = (
-                                    O[rio * ri + ii, dbo * db + dw * vl + dv] * alpha[rio * ri + ii]
-                                )
-                    for j in range(kn):
-                        for ii in T.unroll(ri):
-                            for dw in T.unroll(nvd):
-                                for dv in T.vectorized(vl):
-                                    acc2[ii, dw * vl + dv] = acc2[ii, dw * vl + dv] + S[j, rio * ri + ii] * T.Cast(
-                                        "float32", V[h, j0 + j, dbo * db + dw * vl + dv]
-                                    )
-                    for ii in T.unroll(ri):
-                        for dw in T.unroll(nvd):
-                            for dv in T.vectorized(vl):
-                                O[rio * ri + ii, dbo * db + dw * vl + dv] = acc2[ii, dw * vl + dv]
-        else:
-            for rio in range(nri):
-                for dbo in range(ndb):
-                    acc2 = T.alloc_buffer((ri, db), "float32", scope="local")
-                    for ii in T.unroll(ri):
-                        for dw in T.unroll(nvd):
-                            for dv in T.vectorized(vl):
-                                acc2[ii, dw * vl + dv] = (
-                                    O[rio * ri + ii, dbo * db + dw * vl + dv] * alpha[rio * ri + ii]
-                                )
-                    for j in range(kn):
-                        for ii in T.unroll(ri):
-                            for dw in T.unroll(nvd):
-                                for dv in T.vectorized(vl):
-                                    acc2[ii, dw * vl + dv] = acc2[ii, dw * vl + dv] + S[j, rio * ri + ii] * T.Cast(
-                                        "float32", V[h, j0 + j, dbo * db + dw * vl + dv]
-                                    )
-                    for ii in T.unroll(ri):
-                        for dw in T.unroll(nvd):
-                            for dv in T.vectorized(vl):
-                                O[rio * ri + ii, dbo * db + dw * vl + dv] = acc2[ii, dw * vl + dv]
+        for rio in range(nri):
+            pv(h, j0, kn, rio * ri, ri, S, O, alpha, V)
+        if ri_tail > 0:
+            pv(h, j0, kn, nri * ri, ri_tail, S, O, alpha, V)
 
     @T.macro
     def key_range(h, s0, e0, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk):
@@ -244,15 +236,15 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
     @T.macro
     def prologue(h, qa, qb, qoff, Q, Qt, O, m, l):
         # pack Qt[R/RB, D, RB] = scale * q (rows beyond qb are zero), reset O, m, l
-        for rbo in range(nrb):
+        for rbo in range(nrb_all):
             for dd in range(d):
                 for rr in T.vectorized(rb):
                     Qt[rbo, dd, rr] = T.Select(
-                        qa + (rbo * rb + rr) % qt < qb,
+                        rbo * rb + rr < r_rows and qa + (rbo * rb + rr) % qt < qb,
                         T.Cast(
                             "float32",
                             Q[
-                                h * g + (rbo * rb + rr) // qt,
+                                h * g + T.min(rbo * rb + rr, r_rows - 1) // qt,
                                 T.min(qa + (rbo * rb + rr) % qt, qb - 1) - qoff,
                                 dd,
                             ],
@@ -278,7 +270,12 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
 
         @T.prim_func
         def sparse_attention(
-            q_h: T.handle, k_h: T.handle, v_h: T.handle, b_h: T.handle, sel_h: T.handle, nsel_h: T.handle,
+            q_h: T.handle,
+            k_h: T.handle,
+            v_h: T.handle,
+            b_h: T.handle,
+            sel_h: T.handle,
+            nsel_h: T.handle,
             o_h: T.handle,
         ):
             T.func_attr({"global_symbol": sym, "tirx.noalias": True})
@@ -302,7 +299,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 qoff = T.Bind(Lk - Lq)
                 qs0 = T.Bind(T.max(B[own], qoff))
                 qe0 = T.Bind(B[own + 1])
-                Qt = T.alloc_buffer((nrb, d, rb), "float32")
+                Qt = T.alloc_buffer((nrb_all, d, rb), "float32")
                 S = T.alloc_buffer((kt, r_rows), "float32")
                 O = T.alloc_buffer((r_rows, d), "float32")
                 m = T.alloc_buffer((r_rows,), "float32")
@@ -352,7 +349,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
             qoff = T.Bind(Lk - Lq)
             qa = T.Bind(qoff + c * qt)
             qb = T.Bind(T.min(qa + qt, Lk))
-            Qt = T.alloc_buffer((nrb, d, rb), "float32")
+            Qt = T.alloc_buffer((nrb_all, d, rb), "float32")
             S = T.alloc_buffer((kt, r_rows), "float32")
             O = T.alloc_buffer((r_rows, d), "float32")
             m = T.alloc_buffer((r_rows,), "float32")
@@ -466,7 +463,12 @@ def _decode_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool, parts: in
 
         @T.prim_func
         def sparse_decode(
-            q_h: T.handle, k_h: T.handle, v_h: T.handle, b_h: T.handle, sel_h: T.handle, nsel_h: T.handle,
+            q_h: T.handle,
+            k_h: T.handle,
+            v_h: T.handle,
+            b_h: T.handle,
+            sel_h: T.handle,
+            nsel_h: T.handle,
             o_h: T.handle,
         ):
             T.func_attr({"global_symbol": sym, "tirx.noalias": True})
