@@ -88,6 +88,16 @@ def is_set_up(layout: EmulatorLayout | None = None) -> bool:
     return setup_problem(layout) is None
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the server when the Python process that started it dies (even killed)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -102,10 +112,12 @@ class EmulatedArm64Device:
     ``start_timeout`` defaults to a generous 300 s on a busy 2-core machine.
     """
 
-    def __init__(self, port: int | None = None, start_timeout: float = 300.0) -> None:
+    def __init__(self, port: int | None = None, start_timeout: float = 300.0, session_timeout: float = 900.0) -> None:
         self.layout = emulator_layout()
         self.port = port
         self.start_timeout = start_timeout
+        # the server ends a session after this many seconds: a kernel hung under emulation fails, not blocks
+        self.session_timeout = session_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_dir: tempfile.TemporaryDirectory[str] | None = None
         self._session: Any = None
@@ -133,11 +145,15 @@ class EmulatedArm64Device:
                     str(self.port),
                     "--port-end",
                     str(self.port + 1),
+                    # spawn, not fork, the session process: forking the multi-threaded server under
+                    # qemu-user sometimes left a child that never ran (a session hung for good)
+                    "--no-fork",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self._log_dir.name,
                 start_new_session=True,  # own process group: stop() ends the server and its workers only
+                preexec_fn=_die_with_parent,
             )
         try:
             self._session = self._wait_until_it_answers(log_path)
@@ -159,7 +175,7 @@ class EmulatedArm64Device:
                 )
             if f"bind to {HOST}:{self.port}" in self.log_text(log_path):
                 try:
-                    session = rpc.connect(HOST, self.port, session_timeout=0)
+                    session = rpc.connect(HOST, self.port, session_timeout=self.session_timeout)
                     if session.cpu(0).exist:
                         return session
                 except Exception as err:  # the server may still be importing; retry until the deadline
@@ -181,16 +197,18 @@ class EmulatedArm64Device:
         """End the server's process group (the server and the session workers it forked)."""
         self._session = None
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+        if proc is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                # the session workers the server forked share its process group; under qemu a
+                # worker blocked in a call may ignore SIGTERM, so the group always gets SIGKILL too
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.killpg(proc.pid, sig)
                 except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
                     pass
-                proc.wait(timeout=10)
         if self._log_dir is not None:
             self._log_dir.cleanup()
             self._log_dir = None
@@ -208,7 +226,7 @@ class EmulatedArm64Device:
 
         if self._proc is None:
             raise RuntimeError("the emulated device is not running: call start() first")
-        return rpc.connect(HOST, self.port, session_timeout=0)
+        return rpc.connect(HOST, self.port, session_timeout=self.session_timeout)
 
     def __enter__(self) -> EmulatedArm64Device:
         return self.start()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+
 from edgeattn.devices import emulated_arm64 as emu
 from edgeattn.kernels_tvm.targets import get_profile
 
@@ -53,3 +54,46 @@ def test_small_kernel_matches_numpy(device: emu.EmulatedArm64Device, target_name
     out = np.full(n, np.nan, dtype="float32")
     _, _, got = emu.run_on_device(device.session, lib, profile.fcompile(), "main", [x, y, out])
     np.testing.assert_allclose(got, x * y + np.exp(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- DHSA kernels (CPU schedules) built for AArch64
+
+
+def _build_for(target_name: str, spec):
+    from edgeattn.kernels_tvm import registry
+
+    target = get_profile(target_name).target()
+    return registry.compile_module(registry.builder_for(target)(spec, target), target)
+
+
+def _run(device: emu.EmulatedArm64Device, target_name: str, case, op: str, **spec_changes) -> list[np.ndarray]:
+    from edgeattn.kernels_tvm.abi import SYMBOL
+
+    lib = _build_for(target_name, case.spec(op).with_(**spec_changes))
+    return emu.run_on_device(device.session, lib, get_profile(target_name).fcompile(), SYMBOL[op], case.args(op))
+
+
+@pytest.mark.parametrize("target_name,group", [("arm-a76", 4), ("arm-a78ae", 1), ("arm64", 8)])
+def test_dhsa_kernels_match_reference_on_aarch64(device: emu.EmulatedArm64Device, target_name: str, group: int) -> None:
+    """Selection, sparse and dense flash attention (softcap on), odd length, over RPC on the emulated CPU."""
+    from edgeattn.kernels_tvm.abi import OP_DENSE, OP_SELECT, OP_SPARSE
+    from edgeattn.kernels_tvm.gpu_cases import make_case, rel_err
+
+    case = make_case(2 * group, 2, 32, 77, chunk=8, budget=32, softcap=20.0, seed=group)
+    sel = _run(device, target_name, case, OP_SELECT)
+    np.testing.assert_array_equal(sel[3], case.sel)
+    np.testing.assert_array_equal(sel[4], case.nsel)
+    assert rel_err(_run(device, target_name, case, OP_SPARSE)[-1], case.ref_sparse) <= 1e-4
+    assert rel_err(_run(device, target_name, case, OP_DENSE)[-1], case.ref_dense) <= 1e-4
+
+
+def test_dhsa_decode_and_budget_covering_everything_on_aarch64(device: emu.EmulatedArm64Device) -> None:
+    from edgeattn.kernels_tvm.abi import OP_SPARSE
+    from edgeattn.kernels_tvm.gpu_cases import make_case, rel_err
+
+    decode = make_case(4, 2, 32, 83, q_len=1, chunk=8, budget=40, seed=3)
+    out = _run(device, "arm-a76", decode, OP_SPARSE, decode=True)[-1]
+    assert rel_err(out, decode.ref_sparse) <= 1e-4
+    everything = make_case(4, 1, 32, 45, chunk=8, budget=64, seed=4)  # budget >= L: DHSA == dense
+    out = _run(device, "arm64", everything, OP_SPARSE)[-1]
+    assert rel_err(out, everything.ref_dense) <= 1e-4
