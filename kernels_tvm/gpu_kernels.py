@@ -357,8 +357,7 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
                     else:
                         # kept ids ascending (insertion sort), then own, then -1
                         for i in range(1, iv[4]):
-                            # (a flag loop: a while condition reading buffers with let-bound
-                            # indices fails TVM 0.27's buffer flattening on GPU targets)
+                            # insertion step as a flag loop, like the top-list above
                             iv[1] = i
                             iv[2] = SEL[h, c, i]
                             iv[0] = 1

@@ -6,6 +6,7 @@ from functools import cache
 
 import numpy as np
 import pytest
+
 from edgeattn.kernels_tvm import gpu_cuda, gpu_kernels
 from edgeattn.kernels_tvm import targets as T
 from edgeattn.kernels_tvm.abi import ARGS, OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL
@@ -322,3 +323,16 @@ def test_cuda_gpu_timing_against_sdpa(capsys) -> None:
         lines.append(f"torch SDPA L=4096: {(time.perf_counter() - start) / 3 * 1e3:.2f} ms")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+@needs_opencl
+def test_registry_dispatches_opencl_targets_to_the_gpu_kernels() -> None:
+    from edgeattn.kernels_tvm import registry
+    from edgeattn.kernels_tvm.gpu_opencl import OpenCLKernelRunner
+
+    case = make_case(4, 2, 16, 53, chunk=8, budget=24, seed=9)
+    target = T.get_target("opencl-mali")
+    kw = dict(heads_q=4, heads_kv=2, head_dim=16, budget=24, sinks=4)
+    mod = registry.build_module(OP_SPARSE, target, **kw)
+    out = OpenCLKernelRunner(mod, target)(*case.args(OP_SPARSE))[-1]
+    assert rel_err(out, case.ref_sparse) <= 1e-4
