@@ -235,6 +235,163 @@ def build_dense_attention(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
     return tvm.IRModule({SYMBOL[OP_DENSE]: dense_flash_attention})
 
 
+# ------------------------------------------------------------------ decode (Lq == 1)
+
+DECODE_PARTS = 256  # key shares per query head (flash-decoding): enough work-groups for one query
+
+
+def build_decode_attention(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
+    """Decode kernel (one query, ``spec.decode``): the kept keys split over threads, then combined.
+
+    With one query the prefill kernels keep one work-group per KV head busy; here
+    every query head's keys (the sinks and kept chunks for DHSA, the causal /
+    window range for dense) are dealt round-robin to ``DECODE_PARTS`` threads,
+    each keeping a partial (max, sum, accumulator) in a workspace, and a second
+    kernel combines the partials (threads over D).  The caller passes Lq == 1.
+    """
+    if spec.op not in (OP_SPARSE, OP_DENSE):
+        raise ValueError(f"decode kernels exist for {OP_SPARSE} and {OP_DENSE}, not {spec.op}")
+    hq, hkv, d, g, dtype = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group, spec.dtype
+    scale, cap = spec.scale, spec.cap
+    win = spec.win if spec.win > 0 else 1 << 30
+    sinks = int(spec.sinks)
+    max_threads = _target_limit(target, "max_num_threads", 256)
+    parts = DECODE_PARTS
+    ts = min(64, max_threads)  # threads per work-group in the split kernel
+    nb = parts // ts
+    td = min(_pow2_floor(d), 64, max_threads)  # threads over D in the combine kernel
+    ndc = (d + td - 1) // td
+
+    @T.macro
+    def one_key(Q, K, V, acc, st, hh, h, kk, qpos):
+        if qpos - kk < win:
+            st[2] = T.float32(0)
+            for dd in range(d):
+                st[2] = st[2] + T.Cast("float32", Q[hh, 0, dd]) * T.Cast("float32", K[h, kk, dd])
+            st[2] = st[2] * T.float32(scale)
+            if cap > 0:
+                st[2] = T.float32(cap) * T.tanh(st[2] * T.float32(1.0 / cap))
+            if st[2] > st[0]:
+                st[3] = T.exp(st[0] - st[2])
+                st[1] = st[1] * st[3]
+                for dd in range(d):
+                    acc[dd] = acc[dd] * st[3]
+                st[0] = st[2]
+            st[3] = T.exp(st[2] - st[0])
+            st[1] = st[1] + st[3]
+            for dd in range(d):
+                acc[dd] = acc[dd] + st[3] * T.Cast("float32", V[h, kk, dd])
+
+    @T.macro
+    def combine(O, pm, pl, po):
+        for bc in T.thread_binding(hq, thread="blockIdx.x"):
+            for tc in T.thread_binding(td, thread="threadIdx.x"):
+                cs = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, weight
+                cs[0] = T.float32(NEG)
+                for u in range(parts):
+                    cs[0] = T.max(cs[0], pm[bc, u])
+                cs[1] = T.float32(0)
+                for u in range(parts):
+                    cs[1] = cs[1] + pl[bc, u] * T.exp(pm[bc, u] - cs[0])
+                for p in range(ndc):
+                    if p * td + tc < d:
+                        cs[2] = T.float32(0)
+                        for u in range(parts):
+                            cs[2] = cs[2] + po[bc, u, p * td + tc] * T.exp(pm[bc, u] - cs[0])
+                        O[bc, 0, p * td + tc] = T.Cast(O.dtype, cs[2] / cs[1])
+
+    @T.macro
+    def store_part(pm, pl, po, acc, st, hh, u):
+        pm[hh, u] = st[0]
+        pl[hh, u] = st[1]
+        for dd in range(d):
+            po[hh, u, dd] = acc[dd]
+
+    if spec.op == OP_SPARSE:
+
+        @T.prim_func
+        def decode_sparse(
+            q: T.handle, k: T.handle, v: T.handle, boundaries: T.handle, sel: T.handle, nsel: T.handle, out: T.handle
+        ):
+            T.func_attr({"global_symbol": SYMBOL[OP_SPARSE], "tirx.noalias": True})
+            Lq = T.int32()
+            Lk = T.int32()
+            Nc1 = T.int32()
+            Nq = T.int32()
+            M = T.int32()
+            Q = T.match_buffer(q, (hq, Lq, d), dtype)
+            K = T.match_buffer(k, (hkv, Lk, d), dtype)
+            V = T.match_buffer(v, (hkv, Lk, d), dtype)
+            B = T.match_buffer(boundaries, (Nc1,), "int32")
+            SEL = T.match_buffer(sel, (hkv, Nq, M), "int32")
+            NSEL = T.match_buffer(nsel, (hkv, Nq), "int32")
+            O = T.match_buffer(out, (hq, Lq, d), dtype)
+            pm = T.alloc_buffer((hq, parts), "float32")
+            pl = T.alloc_buffer((hq, parts), "float32")
+            po = T.alloc_buffer((hq, parts, d), "float32")
+            for bx in T.thread_binding(hq * nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(ts, thread="threadIdx.x"):
+                    acc = T.alloc_buffer((d,), "float32", scope="local")
+                    st = T.alloc_buffer((4,), "float32", scope="local")  # max, sum, score, factor
+                    off = T.alloc_buffer((1,), "int32", scope="local")  # kept tokens before the segment
+                    hh = bx // nb
+                    u = (bx % nb) * ts + tx
+                    h = hh // g
+                    qpos = Lk - Lq
+                    s_end = T.min(sinks, Lk)
+                    for dd in range(d):
+                        acc[dd] = T.float32(0)
+                    st[0] = T.float32(NEG)
+                    st[1] = T.float32(0)
+                    off[0] = 0
+                    for seg in range(NSEL[h, Nq - 1] + 1):
+                        x = SEL[h, Nq - 1, T.max(seg - 1, 0)]
+                        k0 = T.if_then_else(seg == 0, 0, T.max(B[x], s_end))
+                        n = T.max(T.if_then_else(seg == 0, s_end, T.min(B[x + 1], qpos + 1)) - k0, 0)
+                        t0 = T.floormod(u - off[0], parts)
+                        for t in range(T.max(n - t0 + parts - 1, 0) // parts):
+                            one_key(Q, K, V, acc, st, hh, h, k0 + t0 + t * parts, qpos)
+                        off[0] = off[0] + n
+                    store_part(pm, pl, po, acc, st, hh, u)
+            combine(O, pm, pl, po)
+
+        func = decode_sparse
+    else:
+
+        @T.prim_func
+        def decode_dense(q: T.handle, k: T.handle, v: T.handle, out: T.handle):
+            T.func_attr({"global_symbol": SYMBOL[OP_DENSE], "tirx.noalias": True})
+            Lq = T.int32()
+            Lk = T.int32()
+            Q = T.match_buffer(q, (hq, Lq, d), dtype)
+            K = T.match_buffer(k, (hkv, Lk, d), dtype)
+            V = T.match_buffer(v, (hkv, Lk, d), dtype)
+            O = T.match_buffer(out, (hq, Lq, d), dtype)
+            pm = T.alloc_buffer((hq, parts), "float32")
+            pl = T.alloc_buffer((hq, parts), "float32")
+            po = T.alloc_buffer((hq, parts, d), "float32")
+            for bx in T.thread_binding(hq * nb, thread="blockIdx.x"):
+                for tx in T.thread_binding(ts, thread="threadIdx.x"):
+                    acc = T.alloc_buffer((d,), "float32", scope="local")
+                    st = T.alloc_buffer((4,), "float32", scope="local")
+                    hh = bx // nb
+                    u = (bx % nb) * ts + tx
+                    h = hh // g
+                    qpos = Lk - Lq
+                    lo = T.max(qpos - win + 1, 0)
+                    for dd in range(d):
+                        acc[dd] = T.float32(0)
+                    st[0] = T.float32(NEG)
+                    st[1] = T.float32(0)
+                    for t in range(T.max(qpos + 1 - lo - u + parts - 1, 0) // parts):
+                        one_key(Q, K, V, acc, st, hh, h, lo + u + t * parts, qpos)
+                    store_part(pm, pl, po, acc, st, hh, u)
+            combine(O, pm, pl, po)
+
+        func = decode_dense
+    return tvm.IRModule({SYMBOL[spec.op]: func})
+
+
 # ------------------------------------------------------------------ selection
 
 
@@ -386,10 +543,12 @@ def build(spec: KernelSpec, target: Any) -> tvm.IRModule:
     """The GPU kernel for ``spec`` (KERNELS.md builder contract), scheduled for ``target``'s limits.
 
     ``target`` is a ``tvm.target.Target`` of kind opencl or cuda (its thread and
-    shared-memory limits size the tiles); decode specs get the prefill kernel,
-    which is correct for Lq = 1.
+    shared-memory limits size the tiles); ``decode`` attention specs get the
+    split-key decode kernel (the caller passes Lq == 1).
     """
     kind = target.kind.name if target is not None else None
     if kind not in ("opencl", "cuda"):
         raise ValueError(f"gpu_kernels.build needs an opencl or cuda target, got {kind!r}; CPU targets use cpu.build")
+    if spec.decode and spec.op in (OP_SPARSE, OP_DENSE):
+        return build_decode_attention(spec, target)
     return _BUILDERS[spec.op](spec, target)

@@ -184,6 +184,17 @@ def test_opencl_decode_one_query() -> None:
 
 
 @needs_opencl
+@pytest.mark.parametrize("extra", [{}, {"softcap": 20.0, "window": 300}, {"variable_chunks": (3, 13)}])
+def test_opencl_split_key_decode_kernels(extra: dict) -> None:
+    """decode=True specs get the flash-decoding kernels (keys split over 256 threads per head, combined)."""
+    case = make_case(8, 2, 16, 701, q_len=1, chunk=8, budget=64, seed=2, **extra)
+    for op, ref in ((OP_SPARSE, case.ref_sparse), (OP_DENSE, case.ref_dense)):
+        runner = _opencl_runner("opencl-mali", case.spec(op).with_(decode=True))
+        assert rel_err(runner(*case.args(op))[-1], ref) <= 1e-4
+        assert len(runner.last_plan.launches) == 2  # split, then combine
+
+
+@needs_opencl
 def test_opencl_budget_at_least_length_equals_dense() -> None:
     case = make_case(4, 2, 16, 45, chunk=8, budget=64, seed=3)
     assert rel_err(case.ref_sparse, case.ref_dense) <= 1e-5  # the reference itself
@@ -230,10 +241,13 @@ def test_cuda_kernels_compile_with_nvcc_or_ship_source(profile_name: str, dtype:
     """
     profile = T.get_profile(profile_name)
     case = make_case(4, 1, 8, 9)
-    for op in (OP_SELECT, OP_SPARSE, OP_DENSE):
-        spec = case.spec(op).with_(head_dim=256, dtype=dtype, softcap=50.0)
+    builds = [(op, False) for op in (OP_SELECT, OP_SPARSE, OP_DENSE)]
+    if profile.name == "cuda-sm87":  # the decode kernels on the Jetson Orin arch
+        builds += [(OP_SPARSE, True), (OP_DENSE, True)]
+    for op, decode in builds:
+        spec = case.spec(op).with_(head_dim=256, dtype=dtype, softcap=50.0, decode=decode)
         mod = gpu_kernels.build(spec, profile.target())
-        path = gpu_cuda.write_cuda_artifact(mod, profile, tmp_path, f"{SYMBOL[op]}_{dtype}")
+        path = gpu_cuda.write_cuda_artifact(mod, profile, tmp_path, f"{SYMBOL[op]}_{dtype}_{decode}")
         if profile.ship_source or not gpu_cuda.nvcc_supports(profile.nvcc_arch):
             assert path.suffix == ".cu"
             assert profile.name == "cuda-sm72" or not gpu_cuda.nvcc_supports(profile.nvcc_arch)
@@ -265,13 +279,13 @@ def _cuda_device_present() -> bool:
 needs_cuda_gpu = pytest.mark.skipif(not _cuda_device_present(), reason="no CUDA GPU here (tvm.cuda(0).exist is False)")
 
 
-def _run_on_cuda(case: AttentionCase, op: str) -> list[np.ndarray]:
+def _run_on_cuda(case: AttentionCase, op: str, decode: bool = False) -> list[np.ndarray]:
     import tvm
 
     dev = tvm.cuda(0)
     arch = "sm_" + str(dev.compute_version).replace(".", "")
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
-    lib = tvm.compile(gpu_kernels.build(case.spec(op), target), target=target)
+    lib = tvm.compile(gpu_kernels.build(case.spec(op).with_(decode=decode), target), target=target)
     tensors = [tvm.runtime.tensor(a, dev) for a in case.args(op)]
     lib[SYMBOL[op]](*tensors)
     dev.sync()
@@ -291,6 +305,8 @@ def test_cuda_gpu_matches_reference(group: int, dtype: str, tol: float) -> None:
     assert rel_err(_run_on_cuda(case, OP_DENSE)[-1], case.ref_dense) <= tol
     decode = make_case(2 * group, 2, 64, 203, q_len=1, chunk=16, budget=96, dtype=dtype, seed=group)
     assert rel_err(_run_on_cuda(decode, OP_SPARSE)[-1], decode.ref_sparse) <= tol
+    assert rel_err(_run_on_cuda(decode, OP_SPARSE, decode=True)[-1], decode.ref_sparse) <= tol
+    assert rel_err(_run_on_cuda(decode, OP_DENSE, decode=True)[-1], decode.ref_dense) <= tol
 
 
 @pytest.mark.gpu
