@@ -352,3 +352,23 @@ def test_registry_dispatches_opencl_targets_to_the_gpu_kernels() -> None:
     mod = registry.build_module(OP_SPARSE, target, **kw)
     out = OpenCLKernelRunner(mod, target)(*case.args(OP_SPARSE))[-1]
     assert rel_err(out, case.ref_sparse) <= 1e-4
+
+
+def test_launch_plan_rejects_bad_arrays_with_clear_errors() -> None:
+    from edgeattn.kernels_tvm.gpu_launch import launch_plan
+
+    case = make_case(4, 2, 16, 21)
+    target = T.get_target("opencl-mali")
+    mod = gpu_kernels.build(case.spec(OP_DENSE), target)
+    q, k, v, out = case.args(OP_DENSE)
+    with pytest.raises(ValueError, match=r"argument 0 \(Q\) must be float32"):
+        launch_plan(mod, target, [q.astype(np.float64), k, v, out])
+    with pytest.raises(ValueError, match=r"argument 1 \(K\) dim 0 must be 2"):
+        launch_plan(mod, target, [q, k[:1], v, out])
+    with pytest.raises(ValueError, match="disagrees with Lk"):
+        launch_plan(mod, target, [q, k, v[:, :5], out])
+    with pytest.raises(ValueError, match="takes 4 arrays"):
+        launch_plan(mod, target, [q, k, v])
+    plan = launch_plan(mod, target, [q, k, v, out])
+    (launch,) = plan.launches
+    assert launch.block == (gpu_kernels.attention_tiles(case.spec(OP_DENSE), target)[0] * 2, 1, 1)
