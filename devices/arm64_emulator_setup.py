@@ -288,7 +288,7 @@ def set_up(install_tools: bool = False) -> EmulatorLayout:
     download_site(layout)
     write_wrapper(layout)
     precompile_bytecode(layout)
-    log(f"smoke test (importing tvm under qemu takes ~10-20 s): {smoke_test(layout)}")
+    log(f"smoke test (importing tvm under qemu: ~15-60 s, more under load): {smoke_test(layout)}")
     layout.ready_marker.write_text(json.dumps({"tvm": _host_version("apache-tvm"), "suite": DEBIAN_SUITE}))
     log(f"ready in {time.monotonic() - start:.0f} s: {layout.root}")
     return layout
