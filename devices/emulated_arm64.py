@@ -34,6 +34,9 @@ DEBIAN_SUITE = "bookworm"
 PYTHON_VERSION = "3.11"  # bookworm's python3
 SETUP_COMMAND = "python -m edgeattn.devices.arm64_emulator_setup"
 HOST = "127.0.0.1"
+TARGET_NAME = "arm64"
+"""Target profile (kernels_tvm.targets) to build for this device; qemu's default CPU ("max") also
+runs code built for the arm-a76 and arm-a78ae profiles (the tests do)."""
 
 
 class EmulatorNotSetUpError(RuntimeError):

@@ -25,6 +25,10 @@ work-group per key chunk and KV head, threads over D); (2) one thread per
 chunks before its own, an insertion top-list of capacity M, the greedy prefix
 under the budget and the ascending sort: exactly :func:`edgeattn.dhsa.select_for`.
 
+Decode (``spec.decode``, Lq = 1): flash-decoding, the keys of each query head
+dealt round-robin to 256 threads with partial softmax states in a workspace,
+then a combining kernel (see :func:`build_decode_attention`).
+
 Arithmetic is float32; with ``dtype="float16"`` inputs/outputs are half and
 loads are widened to float32 (accumulation stays float32).
 """
