@@ -326,7 +326,7 @@ def test_cuda_gpu_timing_against_sdpa(capsys) -> None:
     for op in (OP_SELECT, OP_SPARSE, OP_DENSE):
         lib = tvm.compile(gpu_kernels.build(case.spec(op), target), target=target)
         tensors = [tvm.runtime.tensor(a, dev) for a in case.args(op)]
-        seconds = lib.time_evaluator(SYMBOL[op], dev, number=3, repeat=3)(*tensors).mean
+        seconds = lib.mod.time_evaluator(SYMBOL[op], dev, number=3, repeat=3)(*tensors).mean
         lines.append(f"TVM {op} L=4096: {seconds * 1e3:.2f} ms")
     if torch.cuda.is_available():
         q, k, v = (torch.from_numpy(x).cuda()[None] for x in (case.q, case.k, case.v))
