@@ -372,3 +372,14 @@ def test_launch_plan_rejects_bad_arrays_with_clear_errors() -> None:
     plan = launch_plan(mod, target, [q, k, v, out])
     (launch,) = plan.launches
     assert launch.block == (gpu_kernels.attention_tiles(case.spec(OP_DENSE), target)[0] * 2, 1, 1)
+
+
+@needs_opencl
+@pytest.mark.parametrize("k_len,q_len", [(1, 1), (3, 1), (9, 2)])
+def test_opencl_tiny_lengths_shorter_than_sinks_and_chunk(k_len: int, q_len: int) -> None:
+    case = make_case(4, 2, 16, k_len, q_len=q_len, chunk=8, budget=16, sinks=4, seed=k_len)
+    _check_opencl(case)
+    if q_len == 1:
+        for op, ref in ((OP_SPARSE, case.ref_sparse), (OP_DENSE, case.ref_dense)):
+            out = _opencl_runner("opencl-mali", case.spec(op).with_(decode=True))(*case.args(op))[-1]
+            assert rel_err(out, ref) <= 1e-4
