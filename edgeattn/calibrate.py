@@ -331,8 +331,12 @@ def calibrate(
     threads: int | None = None,
     window: int = 8,
     hidden: int = 64,
+    loaded: Any = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Train and save a predictor; returns (path, card).  The function behind the CLI verb."""
+    """Train and save a predictor; returns (path, card).  The function behind the CLI verb.
+
+    ``loaded`` (a :class:`edgeattn.models.LoadedModel`) skips loading ``model_spec`` again.
+    """
     from edgeattn import models, predictor, text
 
     if threads:
@@ -342,7 +346,7 @@ def calibrate(
     if sequences_n < 3:
         raise ValueError(f"--sequences must be >= 3 (train, validation and test need one each), got {sequences_n}")
     t_start = time.perf_counter()
-    loaded = models.load(model_spec)
+    loaded = loaded if loaded is not None else models.load(model_spec)
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.path} has no tokenizer; calibration tokenizes real text, so add tokenizer files")
     layers = models.global_layers(loaded.config)

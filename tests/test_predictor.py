@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edgeattn import calibrate, chunking, dhsa, predictor
+from edgeattn.config import AttentionConfig
 from edgeattn.predictor import BoundaryPredictor, PredictorConfig, PredictorFileError
 
 SMALL = PredictorConfig(in_dim=32, hidden=8, window=4, mlp=8, threshold=0.25, model={"name": "tiny"})
@@ -176,7 +177,6 @@ def gemma():
 @pytest.mark.real_model
 def test_shipped_predictor_on_the_default_model(gemma) -> None:
     from edgeattn import text
-    from edgeattn.config import AttentionConfig
 
     ids = text.token_ids(gemma.tokenizer, 300)
     layers = [5, 11, 17]
@@ -190,3 +190,17 @@ def test_shipped_predictor_on_the_default_model(gemma) -> None:
         lengths = (b[1:] - b[:-1]).tolist()
         assert all(cfg.min_chunk <= n <= cfg.max_chunk for n in lengths)
         assert torch.equal(b, fn(store[layer]["k"], None))
+
+
+@pytest.mark.real_model
+def test_calibrate_end_to_end_small(gemma, tmp_path) -> None:
+    path, card = calibrate.calibrate(
+        out=tmp_path / "p.safetensors", seq_len=96, sequences_n=3, epochs=1, loaded=gemma, hidden=8
+    )
+    net = predictor.load(path)
+    assert net.config.model["name"] == "gemma3-270m" and net.config.in_dim == 256
+    written = json.loads(path.with_suffix(".json").read_text())
+    assert written == card and 0 <= card["f1"]["test"]["f1"] <= 1
+    assert card["data"]["tokens"] == 3 * 96 and "--sequences 3" in card["command"]
+    fn = chunking.boundary_fn_for(AttentionConfig(chunking="predictor", budget=512), tmp_path, predictor=path)
+    assert isinstance(fn, chunking.PredictorBoundaries)
