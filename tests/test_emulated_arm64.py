@@ -97,3 +97,16 @@ def test_dhsa_decode_and_budget_covering_everything_on_aarch64(device: emu.Emula
     everything = make_case(4, 1, 32, 45, chunk=8, budget=64, seed=4)  # budget >= L: DHSA == dense
     out = _run(device, "arm64", everything, OP_SPARSE)[-1]
     assert rel_err(out, everything.ref_dense) <= 1e-4
+
+
+def test_dhsa_fp16_kernels_on_aarch64(device: emu.EmulatedArm64Device) -> None:
+    """Half-precision inputs/outputs (fp32 arithmetic) on the Orin CPU profile: rel err <= 1e-3."""
+    from edgeattn.kernels_tvm.abi import OP_DENSE, OP_SELECT, OP_SPARSE
+    from edgeattn.kernels_tvm.gpu_cases import make_case, rel_err
+
+    case = make_case(8, 2, 32, 77, chunk=8, budget=32, dtype="float16", seed=5)
+    sel = _run(device, "arm-a78ae", case, OP_SELECT)
+    np.testing.assert_array_equal(sel[3], case.sel)
+    out = _run(device, "arm-a78ae", case, OP_SPARSE)[-1]
+    assert out.dtype == np.float16 and rel_err(out, case.ref_sparse) <= 1e-3
+    assert rel_err(_run(device, "arm-a78ae", case, OP_DENSE)[-1], case.ref_dense) <= 1e-3
