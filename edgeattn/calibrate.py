@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeattn.chunking import _moving_mean, key_features
+from edgeattn.config import ConfigError
 from edgeattn.predictor import BoundaryPredictor, PredictorConfig
 
 CAPTURE_IMPL = "edgeattn_capture"
@@ -342,13 +343,13 @@ def calibrate(
     if threads:
         torch.set_num_threads(threads)
     if seq_len < 64:
-        raise ValueError(f"--seq-len must be >= 64 (a few chunks per sequence), got {seq_len}")
+        raise ConfigError(f"--seq-len must be >= 64 (a few chunks per sequence), got {seq_len}")
     if sequences_n < 3:
-        raise ValueError(f"--sequences must be >= 3 (train, validation and test need one each), got {sequences_n}")
+        raise ConfigError(f"--sequences must be >= 3 (train, validation and test need one each), got {sequences_n}")
     t_start = time.perf_counter()
     loaded = loaded if loaded is not None else models.load(model_spec)
     if loaded.tokenizer is None:
-        raise ValueError(f"{loaded.path} has no tokenizer; calibration tokenizes real text, so add tokenizer files")
+        raise ConfigError(f"{loaded.path} has no tokenizer; calibration tokenizes real text, so add tokenizer files")
     layers = models.global_layers(loaded.config)
     if text_path is None:
         source, source_name = text.pydoc_text(), "CPython pydoc_data.topics (all topics, sorted by name)"
@@ -361,7 +362,7 @@ def calibrate(
     ids = loaded.tokenizer(source, add_special_tokens=False).input_ids
     seqs = sequences(ids, seq_len, sequences_n, loaded.tokenizer.bos_token_id)
     if len(seqs) < 3:
-        raise ValueError(
+        raise ConfigError(
             f"the text has {len(ids)} tokens: fewer than 3 sequences of {seq_len}; "
             "give more text or a smaller --seq-len"
         )
