@@ -17,7 +17,6 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,11 +24,10 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 
+from edgeattn import patching
 from edgeattn.chunking import _moving_mean, key_features
 from edgeattn.config import ConfigError
 from edgeattn.predictor import BoundaryPredictor, PredictorConfig
-
-CAPTURE_IMPL = "edgeattn_capture"
 
 # Label rule defaults (see CHUNKING.md for why these).
 LABEL_WINDOW = 4  # keys averaged on each side of a candidate boundary
@@ -45,62 +43,25 @@ def _log(msg: str) -> None:
 # ------------------------------------------------------------- capture
 
 
-@contextmanager
-def capture_attention_inputs(model: Any, layers: Iterable[int], with_queries: bool = False) -> Any:
-    """Record the q/k tensors that attention receives in ``layers`` (post-norm, post-RoPE).
-
-    Registers a pass-through attention implementation that stores its inputs
-    and then runs the model's own implementation, so outputs are unchanged.
-    Yields a dict ``layer -> {"k": [B,Hkv,L,D], "q": ..., "scaling": float}``
-    filled by each forward pass (later passes overwrite).
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    wanted = set(layers)
-    store: dict[int, dict[str, Any]] = {}
-    configs = {id(c): c for c in (model.config, getattr(model, "model", model).config)}.values()
-    previous = model.config._attn_implementation
-    if previous not in ALL_ATTENTION_FUNCTIONS and previous != "eager":
-        previous = "sdpa"
-
-    def run_previous(module: Any, *args: Any, **kwargs: Any) -> Any:
-        if previous == "eager":
-            import importlib
-
-            return importlib.import_module(type(module).__module__).eager_attention_forward(module, *args, **kwargs)
-        return ALL_ATTENTION_FUNCTIONS[previous](module, *args, **kwargs)
-
-    def recorder(module: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        idx = getattr(module, "layer_idx", None)
-        if idx in wanted:
-            entry = {"k": key.detach().clone(), "scaling": kwargs.get("scaling", module.scaling)}
-            if with_queries:
-                entry["q"] = query.detach().clone()
-            store[idx] = entry
-        return run_previous(module, query, key, *args, **kwargs)
-
-    AttentionInterface.register(CAPTURE_IMPL, recorder)
-    AttentionMaskInterface.register(CAPTURE_IMPL, ALL_MASK_ATTENTION_FUNCTIONS[previous])
-    for c in configs:
-        c._attn_implementation = CAPTURE_IMPL
-    try:
-        yield store
-    finally:
-        for c in configs:
-            c._attn_implementation = previous
-
-
 def capture(
     model: Any, ids: list[int] | torch.Tensor, layers: Iterable[int], with_queries: bool = False
 ) -> dict[int, dict[str, Any]]:
-    """One forward pass of the decoder stack (no LM head) over ``ids``; the captured q/k per layer."""
+    """One forward pass of the decoder stack (no LM head) over ``ids``; the captured q/k per layer.
+
+    Returns ``layer -> {"k": [B,Hkv,L,D], "scaling": float (, "q": [B,Hq,L,D])}``, post-norm and
+    post-RoPE, as :func:`edgeattn.patching.capture_attention` records them.
+    """
     x = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
     body = getattr(model, "model", model)
-    with capture_attention_inputs(model, layers, with_queries) as store, torch.inference_mode():
+    with patching.capture_attention(model, list(layers)) as calls, torch.inference_mode():
         body(input_ids=x, use_cache=False)
-    return dict(store)
+    store: dict[int, dict[str, Any]] = {}
+    for layer, seen in calls.items():
+        last = seen[-1]
+        store[layer] = {"k": last.k, "scaling": last.scaling}
+        if with_queries:
+            store[layer]["q"] = last.q
+    return store
 
 
 # ------------------------------------------------------------- labels
@@ -496,7 +457,6 @@ __all__ = [
     "calibrate",
     "calibrate_command",
     "capture",
-    "capture_attention_inputs",
     "collect_samples",
     "f1_score",
     "shift_labels",
