@@ -235,23 +235,18 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
 
     @T.macro
     def prologue(h, qa, qb, qoff, Q, Qt, O, m, l):
-        # pack Qt[R/RB, D, RB] = scale * q (rows beyond qb are zero), reset O, m, l
-        for rbo in range(nrb_all):
-            for dd in range(d):
-                for rr in T.vectorized(rb):
-                    Qt[rbo, dd, rr] = T.Select(
-                        rbo * rb + rr < r_rows and qa + (rbo * rb + rr) % qt < qb,
-                        T.Cast(
-                            "float32",
-                            Q[
-                                h * g + T.min(rbo * rb + rr, r_rows - 1) // qt,
-                                T.min(qa + (rbo * rb + rr) % qt, qb - 1) - qoff,
-                                dd,
-                            ],
-                        )
-                        * T.float32(scale),
-                        T.float32(0),
+        # pack Qt[R/RB, D, RB] = scale * q (rows beyond qb are zero), reset O, m, l.
+        # A statement-level `if`, not a Select: TVM simplifies a Select's branch under its
+        # condition (dropping index clamps) yet evaluates both branches of a vector Select.
+        for r in range(nrb_all * rb):
+            if r < r_rows and qa + r % qt < qb:
+                for dd in range(d):
+                    Qt[r // rb, dd, r % rb] = T.Cast("float32", Q[h * g + r // qt, qa + r % qt - qoff, dd]) * T.float32(
+                        scale
                     )
+            else:
+                for dd in range(d):
+                    Qt[r // rb, dd, r % rb] = T.float32(0)
         for rr in range(r_rows):
             for dd in T.vectorized(d):
                 O[rr, dd] = T.float32(0)

@@ -252,6 +252,17 @@ def test_head_dim_256_default_model_shape() -> None:
     assert rel_err(run_dense(q, k, v), dense) <= RTOL
 
 
+def test_no_out_of_bounds_reads_on_large_tensors() -> None:
+    """Regression: a vectorised Select once read q past its end (rows of a partial tile), which
+    segfaulted once q was a large, separately mapped tensor; 1024 tokens x D=256 is such a one."""
+    cfg = AttentionConfig(kind="dhsa", budget=256, chunk_size=32, sinks=4)
+    for length in (200, 1021):
+        q, k, v = make_qkv(4, 1, 256, length, length, seed=length)
+        b = dhsa.fixed_boundaries(length, 32)
+        out, _, _ = run_sparse(q, k, v, b, cfg)
+        assert rel_err(out, reference(q, k, v, cfg, b)) <= RTOL
+
+
 def test_fp16_inputs_within_1e3() -> None:
     """CPU kernels compute in fp32; fp16 tensors are converted on load (and the output rounded)."""
     hq, hkv, d, length = 4, 1, 32, 97
