@@ -186,11 +186,12 @@ def run(
     import torch
 
     from edgeattn import models
-    from edgeattn.runtime.torch_backend import run_one
+    from edgeattn.runtime.torch_backend import run_one, warm_up
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     loaded = models.load(model)
     ids = _prompt_ids(loaded, prompt, prompt_file, synthetic_length, haystack)
+    warm_up(loaded)
     results = []
     for cfg in configs:
         _log(f"{cfg.kind}: prefill of {len(ids)} tokens ...")

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from edgeattn.runtime.measure import MIB, PeakRSS, Timer
 
 from edgeattn import patching
 from edgeattn.config import AttentionConfig
+from edgeattn.runtime.measure import MIB, PeakRSS, Timer
 
 
 @dataclass
@@ -32,6 +32,14 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def warm_up(loaded: Any, n_tokens: int = 64) -> None:
+    """One short untimed forward pass, so the first measured kind does not pay one-time costs
+    (allocator growth, kernel selection) that the others would not."""
+    ids = torch.zeros(1, n_tokens, dtype=torch.long)
+    with torch.inference_mode():
+        loaded.model(input_ids=ids, logits_to_keep=1)
 
 
 def run_one(
