@@ -42,6 +42,10 @@ class CpuSchedule:
     rb: int = 16  # ... x rows (vector)
     ri: int = 4  # PV-GEMM register tile: rows (broadcast) ...
     db: int = 16  # ... x head dims (vector)
+    par: int = 64  # parallel lanes (static extent); work item w runs on lane w % par
+    prefetch: bool = True  # software-prefetch the next key tile's K/V rows (sparse: scattered chunks)
+    jb_tail: int = 8  # keys per block in the narrower S tail block (R % rb rows)
+    db_tail: int = 32  # head dims per block in the PV tail block (R % ri rows)
 
 
 def target_lanes(target: tvm.target.Target) -> int:
@@ -108,74 +112,83 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
     r_rows = g * qt
     # row blocks: full blocks of rb (S-GEMM) / ri (PV) rows plus one narrower tail block
     assert r_rows % vl == 0 and qt % vl == 0 and rb % vl == 0 and db % vl == 0 and d % db == 0
+    assert kt % jb == 0, "S rows are written in whole blocks of jb keys"
+    jbt = sch.jb_tail if kt % sch.jb_tail == 0 else jb
+    dbt = sch.db_tail if d % sch.db_tail == 0 and sch.db_tail % vl == 0 else db
     nvr = rb // vl
-    nvd = db // vl
     nrb = r_rows // rb
     rb_tail = r_rows % rb  # a multiple of vl
     nrb_all = nrb + (1 if rb_tail else 0)
     nri = r_rows // ri
     ri_tail = r_rows % ri
-    ndb = d // db
     nrv = r_rows // vl
     # window as "p - j <= winm1"; without a window a bound no position reaches
     winm1 = win - 1 if win > 0 else (1 << 30)
     neg_inf = -3.0e38  # finite "minus infinity": keeps the max/exp arithmetic NaN-free
     sym = SYMBOL[OP_SPARSE if sparse else OP_DENSE]
+    prefetch = sch.prefetch
+    # a fixed number of parallel lanes, each taking every par-th work item: TVM hands each thread
+    # a contiguous block of lanes, and every lane samples the (causally growing) work uniformly
+    par = sch.par
+    fpl = 16 if spec.dtype == "float32" else 32  # elements per 64-byte cache line
+    lines = (d + fpl - 1) // fpl
 
     def score(x):
         return softcapped(x, cap)
 
     @T.macro
-    def sgemm(h, j0, kn, rbo, nv, Qt, S, K, Lk):
-        # S^T[j, rbo*rb + (0 .. nv*vl)] for the keys of the tile: jb keys x nv vectors in registers
-        for jbo in range((kn + jb - 1) // jb):
-            acc = T.alloc_buffer((jb, nv * vl), "float32", scope="local")
-            for jj in T.unroll(jb):
+    def sgemm(h, j0, kn, rbo, nv, jbx, Qt, S, K, Lk):
+        # S^T[j, rbo*rb + (0 .. nv*vl)] for the keys of the tile: jbx keys x nv vectors in registers
+        for jbo in range((kn + jbx - 1) // jbx):
+            acc = T.alloc_buffer((jbx, nv * vl), "float32", scope="local")
+            for jj in T.unroll(jbx):
                 for rv in T.unroll(nv):
                     for rr in T.vectorized(vl):
                         acc[jj, rv * vl + rr] = T.float32(0)
             for dd in range(d):
-                for jj in T.unroll(jb):
+                for jj in T.unroll(jbx):
                     for rv in T.unroll(nv):
                         for rr in T.vectorized(vl):
                             acc[jj, rv * vl + rr] = (
                                 acc[jj, rv * vl + rr]
-                                + T.Cast("float32", K[h, T.min(j0 + jbo * jb + jj, Lk - 1), dd])
+                                + T.Cast("float32", K[h, T.min(j0 + jbo * jbx + jj, Lk - 1), dd])
                                 * Qt[rbo, dd, rv * vl + rr]
                             )
-            for jj in T.unroll(jb):
+            for jj in T.unroll(jbx):
                 for rv in T.unroll(nv):
                     for rr in T.vectorized(vl):
-                        S[jbo * jb + jj, rbo * rb + rv * vl + rr] = acc[jj, rv * vl + rr]
+                        S[jbo * jbx + jj, rbo * rb + rv * vl + rr] = acc[jj, rv * vl + rr]
 
     @T.macro
-    def pv(h, j0, kn, r0, nr, S, O, alpha, V):
-        # O[r0 .. r0+nr, :] = alpha * O + P V: nr rows x db dims in registers
-        for dbo in range(ndb):
-            acc2 = T.alloc_buffer((nr, db), "float32", scope="local")
+    def pv(h, j0, kn, r0, nr, dbx, S, O, alpha, V):
+        # O[r0 .. r0+nr, :] = alpha * O + P V: nr rows x dbx dims in registers
+        for dbo in range(d // dbx):
+            acc2 = T.alloc_buffer((nr, dbx), "float32", scope="local")
             for ii in T.unroll(nr):
-                for dw in T.unroll(nvd):
+                for dw in T.unroll(dbx // vl):
                     for dv in T.vectorized(vl):
-                        acc2[ii, dw * vl + dv] = O[r0 + ii, dbo * db + dw * vl + dv] * alpha[r0 + ii]
-            for j in range(kn):
+                        acc2[ii, dw * vl + dv] = O[r0 + ii, dbo * dbx + dw * vl + dv] * alpha[r0 + ii]
+            # the loop variable is the key position itself: LLVM then strength-reduces the V and
+            # S addresses (with j0 + j it recomputed both per key from spilled int32 values)
+            for jk in range(j0, j0 + kn):
                 for ii in T.unroll(nr):
-                    for dw in T.unroll(nvd):
+                    for dw in T.unroll(dbx // vl):
                         for dv in T.vectorized(vl):
-                            acc2[ii, dw * vl + dv] = acc2[ii, dw * vl + dv] + S[j, r0 + ii] * T.Cast(
-                                "float32", V[h, j0 + j, dbo * db + dw * vl + dv]
+                            acc2[ii, dw * vl + dv] = acc2[ii, dw * vl + dv] + S[jk - j0, r0 + ii] * T.Cast(
+                                "float32", V[h, jk, dbo * dbx + dw * vl + dv]
                             )
             for ii in T.unroll(nr):
-                for dw in T.unroll(nvd):
+                for dw in T.unroll(dbx // vl):
                     for dv in T.vectorized(vl):
-                        O[r0 + ii, dbo * db + dw * vl + dv] = acc2[ii, dw * vl + dv]
+                        O[r0 + ii, dbo * dbx + dw * vl + dv] = acc2[ii, dw * vl + dv]
 
     @T.macro
     def tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, need_mask):
         # 1. S^T = K_tile Qt (full row blocks, then the tail block)
         for rbo in range(nrb):
-            sgemm(h, j0, kn, rbo, nvr, Qt, S, K, Lk)
+            sgemm(h, j0, kn, rbo, nvr, jb, Qt, S, K, Lk)
         if rb_tail > 0:
-            sgemm(h, j0, kn, nrb, rb_tail // vl, Qt, S, K, Lk)
+            sgemm(h, j0, kn, nrb, rb_tail // vl, jbt, Qt, S, K, Lk)
         # 2. softcap, mask, online softmax (vectorised over rows)
         for rv in range(nrv):
             mt = T.alloc_buffer((vl,), "float32", scope="local")
@@ -215,9 +228,26 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 m[rv * vl + lane] = mt[lane]
         # 3. O = alpha * O + P V
         for rio in range(nri):
-            pv(h, j0, kn, rio * ri, ri, S, O, alpha, V)
+            pv(h, j0, kn, rio * ri, ri, db, S, O, alpha, V)
         if ri_tail > 0:
-            pv(h, j0, kn, nri * ri, ri_tail, S, O, alpha, V)
+            pv(h, j0, kn, nri * ri, ri_tail, dbt, S, O, alpha, V)
+
+    @T.macro
+    def prefetch_rows(h, j0, K, V, Lk):
+        # the kt rows of K and V from key j0 on, one prefetch per 64-byte line
+        if prefetch:
+            for jj in range(kt):
+                for cl in range(lines):
+                    T.evaluate(
+                        T.call_intrin(
+                            "void", "tirx.prefetch", T.address_of(K[h, T.min(j0 + jj, Lk - 1), cl * fpl]), 0, 3, 1
+                        )
+                    )
+                    T.evaluate(
+                        T.call_intrin(
+                            "void", "tirx.prefetch", T.address_of(V[h, T.min(j0 + jj, Lk - 1), cl * fpl]), 0, 3, 1
+                        )
+                    )
 
     @T.macro
     def key_range(h, s0, e0, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk):
@@ -228,6 +258,8 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
             for t in range((e - s + kt - 1) // kt):
                 j0 = T.Bind(s + t * kt)
                 kn = T.Bind(T.min(kt, e - j0))
+                if j0 + kt < e:
+                    prefetch_rows(h, j0 + kt, K, V, Lk)
                 if (kn < kt) or (j0 + kt - 1 > qa) or (j0 <= qb - 1 - winm1 - 1):
                     tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, True)
                 else:
@@ -286,14 +318,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
             SEL = T.match_buffer(sel_h, (hkv, Nq, M), "int32")
             NSEL = T.match_buffer(nsel_h, (hkv, Nq), "int32")
             OUT = T.match_buffer(o_h, (hq, Lq, d), dtype)
-            for w in T.parallel(hkv * Nq):
-                h = T.Bind(w % hkv)
-                t2 = T.Bind(w // hkv)
-                c = T.Bind(T.Select(t2 % 2 == 0, t2 // 2, Nq - 1 - t2 // 2))
-                own = T.Bind(c + Nc1 - 1 - Nq)
-                qoff = T.Bind(Lk - Lq)
-                qs0 = T.Bind(T.max(B[own], qoff))
-                qe0 = T.Bind(B[own + 1])
+            for lane in T.parallel(par):
                 Qt = T.alloc_buffer((nrb_all, d, rb), "float32")
                 S = T.alloc_buffer((kt, r_rows), "float32")
                 O = T.alloc_buffer((r_rows, d), "float32")
@@ -302,28 +327,38 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 alpha = T.alloc_buffer((r_rows,), "float32")
                 cur = T.alloc_buffer((2,), "int32", scope="local")
                 nxt = T.alloc_buffer((2,), "int32", scope="local")
-                for sub in range((qe0 - qs0 + qt - 1) // qt):
-                    qa = T.Bind(qs0 + sub * qt)
-                    qb = T.Bind(T.min(qa + qt, qe0))
-                    prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
-                    # merged key ranges: sinks, then kept chunks ascending (adjacent ones merged);
-                    # step i == n flushes the last range (one call site keeps the code small)
-                    cur[0] = 0
-                    cur[1] = T.min(sinks, qb)
-                    for i in range(NSEL[h, c] + 1):
-                        nxt[0] = 0
-                        nxt[1] = 0
-                        if i < NSEL[h, c]:
-                            nxt[0] = T.max(B[SEL[h, c, i]], sinks)
-                            nxt[1] = B[SEL[h, c, i] + 1]
-                        if nxt[1] > nxt[0] and nxt[0] == cur[1]:
-                            cur[1] = nxt[1]
-                        elif i == NSEL[h, c] or nxt[1] > nxt[0]:
-                            if cur[1] > cur[0]:
-                                key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
-                            cur[0] = nxt[0]
-                            cur[1] = nxt[1]
-                    epilogue(h, qa, qb, qoff, O, l, OUT)
+                for it in range((hkv * Nq - lane + par - 1) // par):
+                    w = T.Bind(lane + it * par)
+                    h = T.Bind(w % hkv)
+                    c = T.Bind(w // hkv)
+                    own = T.Bind(c + Nc1 - 1 - Nq)
+                    qoff = T.Bind(Lk - Lq)
+                    qs0 = T.Bind(T.max(B[own], qoff))
+                    qe0 = T.Bind(B[own + 1])
+                    for sub in range((qe0 - qs0 + qt - 1) // qt):
+                        qa = T.Bind(qs0 + sub * qt)
+                        qb = T.Bind(T.min(qa + qt, qe0))
+                        prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
+                        # merged key ranges: sinks, then kept chunks ascending (adjacent ones merged);
+                        # step i == n flushes the last range (one call site keeps the code small)
+                        cur[0] = 0
+                        cur[1] = T.min(sinks, qb)
+                        for i in range(NSEL[h, c] + 1):
+                            nxt[0] = 0
+                            nxt[1] = 0
+                            if i < NSEL[h, c]:
+                                nxt[0] = T.max(B[SEL[h, c, i]], sinks)
+                                nxt[1] = B[SEL[h, c, i] + 1]
+                            if nxt[1] > nxt[0] and nxt[0] == cur[1]:
+                                cur[1] = nxt[1]
+                            elif i == NSEL[h, c] or nxt[1] > nxt[0]:
+                                if cur[1] > cur[0]:
+                                    if i < NSEL[h, c]:
+                                        prefetch_rows(h, nxt[0], K, V, Lk)
+                                    key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                                cur[0] = nxt[0]
+                                cur[1] = nxt[1]
+                        epilogue(h, qa, qb, qoff, O, l, OUT)
 
         return sparse_attention
 
@@ -336,23 +371,23 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
         K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
         V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
         OUT = T.match_buffer(o_h, (hq, Lq, d), dtype)
-        for w in T.parallel(hkv * ((Lq + qt - 1) // qt)):
-            h = T.Bind(w % hkv)
-            t2 = T.Bind(w // hkv)
-            ntile = T.Bind((Lq + qt - 1) // qt)
-            c = T.Bind(T.Select(t2 % 2 == 0, t2 // 2, ntile - 1 - t2 // 2))
-            qoff = T.Bind(Lk - Lq)
-            qa = T.Bind(qoff + c * qt)
-            qb = T.Bind(T.min(qa + qt, Lk))
+        for lane in T.parallel(par):
             Qt = T.alloc_buffer((nrb_all, d, rb), "float32")
             S = T.alloc_buffer((kt, r_rows), "float32")
             O = T.alloc_buffer((r_rows, d), "float32")
             m = T.alloc_buffer((r_rows,), "float32")
             l = T.alloc_buffer((r_rows,), "float32")
             alpha = T.alloc_buffer((r_rows,), "float32")
-            prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
-            key_range(h, 0, qb, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
-            epilogue(h, qa, qb, qoff, O, l, OUT)
+            for it in range((hkv * ((Lq + qt - 1) // qt) - lane + par - 1) // par):
+                w = T.Bind(lane + it * par)
+                h = T.Bind(w % hkv)
+                c = T.Bind(w // hkv)
+                qoff = T.Bind(Lk - Lq)
+                qa = T.Bind(qoff + c * qt)
+                qb = T.Bind(T.min(qa + qt, Lk))
+                prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
+                key_range(h, 0, qb, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                epilogue(h, qa, qb, qoff, O, l, OUT)
 
     return dense_attention
 
