@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_size": args.chunk_size,
         "sinks": args.sinks,
     }
-    print(f"# {header['cpu']} | {args.threads} threads | {header['shape']} | budget {args.budget}, "
-          f"chunk {args.chunk_size}, sinks {args.sinks}")
+    print(
+        f"# {header['cpu']} | {args.threads} threads | {header['shape']} | budget {args.budget}, "
+        f"chunk {args.chunk_size}, sinks {args.sinks}"
+    )
     print(f"{'L':>7} {'impl':<13}{'latency s':>11}{'vs SDPA':>9}{'extra MiB':>11}{'scores computed':>17}")
     rows = []
     for length in lengths:
@@ -100,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup_vs_sdpa"] = base / row["seconds"] if base else None
             rows.append(row)
             ratio = f"{row['speedup_vs_sdpa']:.2f}x" if row["speedup_vs_sdpa"] else "-"
-            print(f"{length:>7} {kind:<13}{row['seconds']:>11.3f}{ratio:>9}{row['extra_mib']:>11.0f}"
-                  f"{row['fraction']:>16.1%}", flush=True)
+            print(
+                f"{length:>7} {kind:<13}{row['seconds']:>11.3f}{ratio:>9}{row['extra_mib']:>11.0f}"
+                f"{row['fraction']:>16.1%}",
+                flush=True,
+            )
     if args.json_path:
         tmp = args.json_path + ".tmp"
         with open(tmp, "w") as f:
