@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def cpu_model() -> str:
-    """The CPU's "model name" from /proc/cpuinfo (machines change between sessions)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from edgeattn.runtime.measure import cpu_model  # noqa: F401  (re-exported for the scripts)
 
 
 def set_threads(n: int) -> int:
