@@ -133,6 +133,8 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
     fpl = 16 if spec.dtype == "float32" else 32  # elements per 64-byte cache line
     lines = (d + fpl - 1) // fpl
 
+    has_cap = bool(cap)
+
     def score(x):
         return softcapped(x, cap)
 
@@ -205,24 +207,34 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                             T.float32(neg_inf),
                         )
                         mt[lane] = T.max(mt[lane], S[j, rv * vl + lane])
-            else:
+            elif has_cap:
                 for j in range(kn):
                     for lane in T.vectorized(vl):
                         S[j, rv * vl + lane] = score(S[j, rv * vl + lane])
+                        mt[lane] = T.max(mt[lane], S[j, rv * vl + lane])
+            else:  # the common case: no store, just the row maxima
+                for j in range(kn):
+                    for lane in T.vectorized(vl):
                         mt[lane] = T.max(mt[lane], S[j, rv * vl + lane])
             for lane in T.vectorized(vl):
                 # rows that saw no visible key yet keep m = -big; exp(-big - (-big)) must not be 1
                 alpha[rv * vl + lane] = T.Select(
                     mt[lane] > T.float32(-1.0e38), fexp(m[rv * vl + lane] - mt[lane]), T.float32(1.0)
                 )
-            for j in range(kn):
-                for lane in T.vectorized(vl):
-                    S[j, rv * vl + lane] = T.Select(
-                        S[j, rv * vl + lane] > T.float32(-1.0e38),
-                        fexp(S[j, rv * vl + lane] - mt[lane]),
-                        T.float32(0),
-                    )
-                    ls[lane] = ls[lane] + S[j, rv * vl + lane]
+            if need_mask:
+                for j in range(kn):
+                    for lane in T.vectorized(vl):
+                        S[j, rv * vl + lane] = T.Select(
+                            S[j, rv * vl + lane] > T.float32(-1.0e38),
+                            fexp(S[j, rv * vl + lane] - mt[lane]),
+                            T.float32(0),
+                        )
+                        ls[lane] = ls[lane] + S[j, rv * vl + lane]
+            else:  # no masked score in the tile, so every row max is finite
+                for j in range(kn):
+                    for lane in T.vectorized(vl):
+                        S[j, rv * vl + lane] = fexp(S[j, rv * vl + lane] - mt[lane])
+                        ls[lane] = ls[lane] + S[j, rv * vl + lane]
             for lane in T.vectorized(vl):
                 l[rv * vl + lane] = l[rv * vl + lane] * alpha[rv * vl + lane] + ls[lane]
                 m[rv * vl + lane] = mt[lane]
@@ -327,38 +339,42 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 alpha = T.alloc_buffer((r_rows,), "float32")
                 cur = T.alloc_buffer((2,), "int32", scope="local")
                 nxt = T.alloc_buffer((2,), "int32", scope="local")
-                for it in range((hkv * Nq - lane + par - 1) // par):
-                    w = T.Bind(lane + it * par)
-                    h = T.Bind(w % hkv)
-                    c = T.Bind(w // hkv)
-                    own = T.Bind(c + Nc1 - 1 - Nq)
-                    qoff = T.Bind(Lk - Lq)
-                    qs0 = T.Bind(T.max(B[own], qoff))
-                    qe0 = T.Bind(B[own + 1])
-                    for sub in range((qe0 - qs0 + qt - 1) // qt):
-                        qa = T.Bind(qs0 + sub * qt)
-                        qb = T.Bind(T.min(qa + qt, qe0))
-                        prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
-                        # merged key ranges: sinks, then kept chunks ascending (adjacent ones merged);
-                        # step i == n flushes the last range (one call site keeps the code small)
-                        cur[0] = 0
-                        cur[1] = T.min(sinks, qb)
-                        for i in range(NSEL[h, c] + 1):
-                            nxt[0] = 0
-                            nxt[1] = 0
-                            if i < NSEL[h, c]:
-                                nxt[0] = T.max(B[SEL[h, c, i]], sinks)
-                                nxt[1] = B[SEL[h, c, i] + 1]
-                            if nxt[1] > nxt[0] and nxt[0] == cur[1]:
-                                cur[1] = nxt[1]
-                            elif i == NSEL[h, c] or nxt[1] > nxt[0]:
-                                if cur[1] > cur[0]:
-                                    if i < NSEL[h, c]:
-                                        prefetch_rows(h, nxt[0], K, V, Lk)
-                                    key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
-                                cur[0] = nxt[0]
-                                cur[1] = nxt[1]
-                        epilogue(h, qa, qb, qoff, O, l, OUT)
+                for it in range((hkv * Nq + par - 1) // par):
+                    # round `it` holds items it*par .. it*par + n - 1, spread evenly over the lanes
+                    n = T.Bind(T.min(par, hkv * Nq - it * par))
+                    k = T.Bind((lane * n + par - 1) // par)
+                    if k < n and (k * par) // n == lane:
+                        w = T.Bind(it * par + k)
+                        h = T.Bind(w % hkv)
+                        c = T.Bind(w // hkv)
+                        own = T.Bind(c + Nc1 - 1 - Nq)
+                        qoff = T.Bind(Lk - Lq)
+                        qs0 = T.Bind(T.max(B[own], qoff))
+                        qe0 = T.Bind(B[own + 1])
+                        for sub in range((qe0 - qs0 + qt - 1) // qt):
+                            qa = T.Bind(qs0 + sub * qt)
+                            qb = T.Bind(T.min(qa + qt, qe0))
+                            prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
+                            # merged key ranges: sinks, then kept chunks ascending (adjacent ones merged);
+                            # step i == n flushes the last range (one call site keeps the code small)
+                            cur[0] = 0
+                            cur[1] = T.min(sinks, qb)
+                            for i in range(NSEL[h, c] + 1):
+                                nxt[0] = 0
+                                nxt[1] = 0
+                                if i < NSEL[h, c]:
+                                    nxt[0] = T.max(B[SEL[h, c, i]], sinks)
+                                    nxt[1] = B[SEL[h, c, i] + 1]
+                                if nxt[1] > nxt[0] and nxt[0] == cur[1]:
+                                    cur[1] = nxt[1]
+                                elif i == NSEL[h, c] or nxt[1] > nxt[0]:
+                                    if cur[1] > cur[0]:
+                                        if i < NSEL[h, c]:
+                                            prefetch_rows(h, nxt[0], K, V, Lk)
+                                        key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                                    cur[0] = nxt[0]
+                                    cur[1] = nxt[1]
+                            epilogue(h, qa, qb, qoff, O, l, OUT)
 
         return sparse_attention
 
@@ -378,16 +394,20 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
             m = T.alloc_buffer((r_rows,), "float32")
             l = T.alloc_buffer((r_rows,), "float32")
             alpha = T.alloc_buffer((r_rows,), "float32")
-            for it in range((hkv * ((Lq + qt - 1) // qt) - lane + par - 1) // par):
-                w = T.Bind(lane + it * par)
-                h = T.Bind(w % hkv)
-                c = T.Bind(w // hkv)
-                qoff = T.Bind(Lk - Lq)
-                qa = T.Bind(qoff + c * qt)
-                qb = T.Bind(T.min(qa + qt, Lk))
-                prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
-                key_range(h, 0, qb, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
-                epilogue(h, qa, qb, qoff, O, l, OUT)
+            for it in range((hkv * ((Lq + qt - 1) // qt) + par - 1) // par):
+                # round `it` holds items it*par .. it*par + n - 1, spread evenly over the lanes
+                n = T.Bind(T.min(par, hkv * ((Lq + qt - 1) // qt) - it * par))
+                k = T.Bind((lane * n + par - 1) // par)
+                if k < n and (k * par) // n == lane:
+                    w = T.Bind(it * par + k)
+                    h = T.Bind(w % hkv)
+                    c = T.Bind(w // hkv)
+                    qoff = T.Bind(Lk - Lq)
+                    qa = T.Bind(qoff + c * qt)
+                    qb = T.Bind(T.min(qa + qt, Lk))
+                    prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
+                    key_range(h, 0, qb, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                    epilogue(h, qa, qb, qoff, O, l, OUT)
 
     return dense_attention
 
