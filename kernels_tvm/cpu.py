@@ -344,7 +344,9 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                     n = T.Bind(T.min(par, hkv * Nq - it * par))
                     k = T.Bind((lane * n + par - 1) // par)
                     if k < n and (k * par) // n == lane:
-                        w = T.Bind(it * par + k)
+                        # zig-zag inside the round (0, n-1, 1, n-2, ...): every contiguous block of
+                        # lanes, i.e. every thread, gets as many early (cheap) as late (costly) items
+                        w = T.Bind(it * par + T.Select(k % 2 == 0, k // 2, n - 1 - k // 2))
                         h = T.Bind(w % hkv)
                         c = T.Bind(w // hkv)
                         own = T.Bind(c + Nc1 - 1 - Nq)
@@ -399,7 +401,9 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 n = T.Bind(T.min(par, hkv * ((Lq + qt - 1) // qt) - it * par))
                 k = T.Bind((lane * n + par - 1) // par)
                 if k < n and (k * par) // n == lane:
-                    w = T.Bind(it * par + k)
+                    # zig-zag inside the round (0, n-1, 1, n-2, ...): every contiguous block of
+                    # lanes, i.e. every thread, gets as many early (cheap) as late (costly) items
+                    w = T.Bind(it * par + T.Select(k % 2 == 0, k // 2, n - 1 - k // 2))
                     h = T.Bind(w % hkv)
                     c = T.Bind(w // hkv)
                     qoff = T.Bind(Lk - Lq)
