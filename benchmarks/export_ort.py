@@ -63,11 +63,10 @@ def parse_lengths(spec: str) -> list[int]:
 
 def child(path: str, length: int, threads: int, seed: int) -> None:
     """One prefill in this process; prints a JSON line."""
-    import threading
-
     import numpy as np
     import onnxruntime as ort
-    import psutil
+
+    from edgeattn.runtime.measure import PeakRSS
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -86,32 +85,18 @@ def child(path: str, length: int, threads: int, seed: int) -> None:
     }
     # peak RSS sampled in a thread: ru_maxrss is useless here (Linux carries the parent's
     # high-water mark into a fork+exec'd child, and the parent held the model while exporting)
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            done.wait(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    logits = sess.run(["logits"], feed)[0]
-    prefill_s = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], proc.memory_info().rss)
+    with PeakRSS(interval=0.005) as mem:
+        t0 = time.perf_counter()
+        logits = sess.run(["logits"], feed)[0]
+        prefill_s = time.perf_counter() - t0
     print(
         json.dumps(
             {
                 "prefill_s": prefill_s,
                 "tok_per_s": length / prefill_s,
-                "peak_rss_mib": peak[0] / 2**20,  # during the prefill (sampled every 5 ms)
-                "rss_before_prefill_mib": before / 2**20,
-                "activation_mib": (peak[0] - before) / 2**20,
+                "peak_rss_mib": mem.peak / 2**20,  # during the prefill (sampled every 5 ms)
+                "rss_before_prefill_mib": mem.start / 2**20,
+                "activation_mib": mem.extra / 2**20,
                 "load_s": load_s,
                 "top1": int(logits[0, -1].argmax()),
             }
@@ -206,11 +191,10 @@ def layer_models(folder: Path, budget: int, chunk: int, sinks: int) -> dict[str,
 
 def layer_child(path: str, length: int, threads: int, seed: int) -> None:
     """One attention layer at ``length`` tokens; prints a JSON line (time and sampled peak RSS)."""
-    import threading
-
     import numpy as np
     import onnxruntime as ort
-    import psutil
+
+    from edgeattn.runtime.measure import PeakRSS
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -221,28 +205,11 @@ def layer_child(path: str, length: int, threads: int, seed: int) -> None:
         "k": rng.standard_normal((1, 1, length, 256), np.float32),
         "v": rng.standard_normal((1, 1, length, 256), np.float32),
     }
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            done.wait(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    sess.run(["out"], feed)
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    print(
-        json.dumps(
-            {"prefill_s": seconds, "peak_rss_mib": peak[0] / 2**20, "activation_mib": (peak[0] - before) / 2**20}
-        )
-    )
+    with PeakRSS(interval=0.005) as mem:
+        t0 = time.perf_counter()
+        sess.run(["out"], feed)
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"prefill_s": seconds, "peak_rss_mib": mem.peak / 2**20, "activation_mib": mem.extra / 2**20}))
 
 
 def run_child(
