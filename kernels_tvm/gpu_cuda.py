@@ -19,6 +19,7 @@ from typing import Any
 
 import tvm
 
+from .gpu_launch import device_source
 from .targets import TargetProfile
 
 
@@ -55,14 +56,7 @@ def nvcc_supports(arch: str) -> bool:
 
 def cuda_source(mod: tvm.IRModule, target: Any) -> str:
     """The CUDA C source TVM generates for ``mod`` (works without a GPU)."""
-    target = tvm.target.Target(target)
-    if target.kind.name != "cuda":
-        raise ValueError(f"cuda_source needs a cuda target, got {target.kind.name!r}")
-    lib = tvm.compile(mod, target=target)
-    sources = [m.inspect_source() for m in lib.mod.imports if m.kind == "cuda"]
-    if not sources:
-        raise RuntimeError("tvm.compile produced no CUDA module")
-    return sources[0]
+    return device_source(mod, target, "cuda")
 
 
 def kernel_names(source: str) -> list[str]:

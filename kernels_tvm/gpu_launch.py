@@ -134,6 +134,18 @@ def _flatten(stmt: Any, out: list[Any]) -> None:
         _flatten(stmt.body, out)
 
 
+def device_source(mod: tvm.IRModule, target: Any, kind: str) -> str:
+    """The device source (``kind`` "cuda" or "opencl") TVM generates for ``mod``; needs no GPU."""
+    target = tvm.target.Target(target)
+    if target.kind.name != kind:
+        raise ValueError(f"{kind}_source needs a {kind} target, got {target.kind.name!r}")
+    lib = tvm.compile(mod, target=target)
+    sources = [m.inspect_source() for m in lib.mod.imports if m.kind == kind]
+    if not sources:
+        raise RuntimeError(f"tvm.compile produced no {kind} module")
+    return sources[0]
+
+
 def lower(mod: tvm.IRModule, target: Any) -> tuple[tvm.IRModule, dict[Any, tvm.IRModule]]:
     """TVM's own lowering of ``mod`` for ``target`` up to the host/device split (as ``tvm.compile`` does)."""
     target = tvm.target.Target(target)

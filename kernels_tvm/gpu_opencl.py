@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tvm
 
-from .gpu_launch import LaunchPlan, launch_plan, lower
+from .gpu_launch import LaunchPlan, device_source, launch_plan, lower
 
 INSTALL_HINT = "pip install pyopencl and apt-get install pocl-opencl-icd ocl-icd-libopencl1"
 
@@ -39,14 +39,7 @@ def opencl_problem() -> str | None:
 
 def opencl_source(mod: tvm.IRModule, target: Any) -> str:
     """The OpenCL C source TVM generates for ``mod`` (``target`` of kind opencl)."""
-    target = tvm.target.Target(target)
-    if target.kind.name != "opencl":
-        raise ValueError(f"opencl_source needs an opencl target, got {target.kind.name!r}")
-    lib = tvm.compile(mod, target=target)
-    sources = [m.inspect_source() for m in lib.mod.imports if m.kind == "opencl"]
-    if not sources:
-        raise RuntimeError("tvm.compile produced no OpenCL module")
-    return sources[0]
+    return device_source(mod, target, "opencl")
 
 
 class OpenCLKernelRunner:
