@@ -14,6 +14,18 @@ that every backend shares:
   ``budget - |own chunk| - sinks outside it``.  A prefix rule is what ONNX
   (TopK + CumSum) and TIR express without data-dependent loops, and with
   ``budget >= L`` it keeps every key, so DHSA equals dense attention.
+* **Keys are scored relative to the mean of the candidate keys.**  Step 2's
+  length normalisation sqrt(|c|)·mean(k) is unbiased only for zero-mean keys;
+  real keys share a large common component μ, and sqrt(|c|)·q̄·μ then ranks
+  long chunks first (and long chunks also cost more budget).  Attention itself
+  is blind to μ (softmax ignores a per-query constant q·μ), so DHSA scores key
+  chunk x for query chunk c as ``q̄_c·k̄_x - sqrt(|x|)·q̄_c·μ_c`` with μ_c the
+  mean of the keys before the own chunk (the candidates; causal, and
+  computable from the prefix sums the pooling already has).  Adding any
+  constant vector to every key then leaves the selection unchanged, as it
+  leaves attention unchanged; with fixed chunks the ranking is the same as
+  without the term.  Block-sparse (plain means) needs no correction: there
+  the term is a per-row constant.  See CHUNKING.md for what it changes.
 
 Queries may be a suffix of the keys (decode with a KV cache): query ``i`` sits
 at absolute position ``k_len - q_len + i``.
@@ -63,7 +75,14 @@ def chunk_of_token(boundaries: torch.Tensor, length: int) -> torch.Tensor:
 # ------------------------------------------------------- chunk-level stage
 
 
-def pool_chunks(x: torch.Tensor, boundaries: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def prefix_sums(x: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums of x [B, H, L, D] along the tokens: [B, H, L+1, D], entry j = sum of x[:j]."""
+    return F.pad(x.cumsum(dim=2), (0, 0, 1, 0))
+
+
+def pool_chunks(
+    x: torch.Tensor, boundaries: torch.Tensor, normalize: bool = True, csum: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of ``x`` [B, H, L, D] over each chunk -> [B, H, Nc, D].
 
     With ``normalize`` the mean is scaled by sqrt(chunk length) (DHSA's length
@@ -71,10 +90,26 @@ def pool_chunks(x: torch.Tensor, boundaries: torch.Tensor, normalize: bool = Tru
     this is the plain mean pooling of block-sparse attention.
     """
     lengths = chunk_lengths(boundaries).to(x.dtype)
-    csum = F.pad(x.cumsum(dim=2), (0, 0, 1, 0))
+    csum = prefix_sums(x) if csum is None else csum
     sums = csum[:, :, boundaries[1:]] - csum[:, :, boundaries[:-1]]
     scale = lengths.rsqrt() if normalize else 1.0 / lengths
     return sums * scale[None, None, :, None]
+
+
+def candidate_mean_term(
+    qbar: torch.Tensor, ksum: torch.Tensor, k_boundaries: torch.Tensor, offset: int
+) -> torch.Tensor:
+    """sqrt(|x|)·q̄_c·μ_c: what the keys' common component adds to score[c, x] (see the module docstring).
+
+    μ_c is the mean of the keys before query chunk c's own chunk (key chunk
+    c + offset), read from the prefix sums; 0 when there are none.  Returns
+    [B, Hkv, Nq, Nk], to be subtracted from the sqrt-normalised scores.
+    """
+    starts = k_boundaries[:-1]
+    own_start = starts[offset : offset + qbar.shape[2]]  # [Nq]
+    before = ksum[:, :, own_start]  # [B, Hkv, Nq, D]: sum of the keys before each own chunk
+    m = (qbar * before).sum(-1) / own_start.clamp(min=1).to(qbar.dtype)  # q̄_c·μ_c
+    return chunk_lengths(k_boundaries).to(qbar.dtype).sqrt() * m[..., None]
 
 
 def chunk_scores(
@@ -94,10 +129,13 @@ def chunk_scores(
     hkv = k.shape[1]
     qbar = pool_chunks(q, q_boundaries, normalize)
     qbar = qbar.view(b, hkv, hq // hkv, -1, d).mean(dim=2)
-    kbar = pool_chunks(k, k_boundaries, normalize)
+    ksum = prefix_sums(k)
+    kbar = pool_chunks(k, k_boundaries, normalize, csum=ksum)
     scores = qbar @ kbar.transpose(-1, -2)
     nq, nk = scores.shape[-2:]
     offset = nk - nq  # query chunk i is key chunk i + offset
+    if normalize:
+        scores = scores - candidate_mean_term(qbar, ksum, k_boundaries, offset)
     future = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(offset + 1)
     return scores.masked_fill(future, float("-inf"))
 

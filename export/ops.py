@@ -94,10 +94,15 @@ def _common_sizes(nb: NodeBuilder, q: str, k: str, boundaries: str) -> dict[str,
     )
 
 
-def _pool(nb: NodeBuilder, x: str, lo: str, hi: str, normalize: str) -> str:
-    """Sum of x [B,H,L,D] over [lo, hi) along axis 2, times 1/sqrt(len) (normalize) or 1/len."""
+def _prefix_sums(nb: NodeBuilder, x: str) -> str:
+    """Exclusive prefix sums of x [B,H,L,D] along axis 2: [B,H,L+1,D], entry j = sum of x[:j]."""
     csum = nb.op("CumSum", x, nb.scalar_i64(2))
-    padded = nb.op("Pad", csum, nb.i64(0, 0, 1, 0, 0, 0, 0, 0), hint="csum")  # csum[j] = sum of x[:j]
+    return nb.op("Pad", csum, nb.i64(0, 0, 1, 0, 0, 0, 0, 0), hint="csum")
+
+
+def _pool(nb: NodeBuilder, x: str, lo: str, hi: str, normalize: str, padded: str | None = None) -> str:
+    """Sum of x [B,H,L,D] over [lo, hi) along axis 2, times 1/sqrt(len) (normalize) or 1/len."""
+    padded = padded or _prefix_sums(nb, x)
     sums = nb.op("Sub", nb.op("Gather", padded, hi, axis=2), nb.op("Gather", padded, lo, axis=2))
     length = nb.op("CastLike", nb.op("Sub", hi, lo), x)
     scale = nb.op("Where", normalize, nb.op("Reciprocal", nb.op("Sqrt", length)), nb.op("Reciprocal", length))
@@ -124,13 +129,25 @@ def chunk_select_function() -> onnx.FunctionProto:
 
     # the chunk stage runs in float32 whatever the model dtype: running sums over thousands of
     # tokens in float16 would reorder the chunk scores
-    kbar = _pool(nb, nb.op("Cast", k, to=FLOAT), s["b_lo"], s["b_hi"], normalize)  # [B,Hkv,Nc,D]
+    k32 = nb.op("Cast", k, to=FLOAT)
+    ksum = _prefix_sums(nb, k32)  # [B,Hkv,Lk+1,D]
+    kbar = _pool(nb, k32, s["b_lo"], s["b_hi"], normalize, padded=ksum)  # [B,Hkv,Nc,D]
     # group-average the query heads of each KV head first ([B,Hq,Lq,D] -> [B,Hkv,Lq,D]); pooling is
     # linear, so this equals the reference's pool-then-average (to rounding)
     q32 = nb.op("Cast", q, to=FLOAT)
     q_mean = nb.op("ReduceMean", nb.op("Reshape", q32, s["grouped"]), nb.i64(2), keepdims=0)
     qbar = _pool(nb, q_mean, q_lo, q_hi, normalize)  # [B,Hkv,Nq,D]
-    scores = nb.op("MatMul", qbar, nb.op("Transpose", kbar, perm=[0, 1, 3, 2]), hint="chunk_scores")  # [B,Hkv,Nq,Nc]
+    raw = nb.op("MatMul", qbar, nb.op("Transpose", kbar, perm=[0, 1, 3, 2]), hint="raw_scores")  # [B,Hkv,Nq,Nc]
+    # DHSA scores keys relative to the mean key before the own chunk (edgeattn.dhsa.candidate_mean_term):
+    # minus sqrt(|x|)·q̄_c·μ_c, with μ_c read from the prefix sums; block-sparse (normalize=0) skips it
+    own_lo = nb.op("Gather", s["b_lo"], own)  # [Nq]
+    before = nb.op("Gather", ksum, own_lo, axis=2)  # [B,Hkv,Nq,D]: sum of the keys before each own chunk
+    n_before = nb.op("Cast", nb.op("Max", own_lo, one), to=FLOAT)
+    q_mu = nb.op("Div", nb.op("ReduceSum", nb.op("Mul", qbar, before), nb.i64(3), keepdims=0), n_before)  # [B,Hkv,Nq]
+    sqrt_len = nb.op("Sqrt", nb.op("Cast", s["lens"], to=FLOAT))  # [Nc]
+    term = nb.op("Mul", nb.unsqueeze(q_mu, 3), sqrt_len)  # [B,Hkv,Nq,Nc]
+    term = nb.op("Where", normalize, term, nb.const(0.0, np.float32, hint="zero_f32"))
+    scores = nb.op("Sub", raw, term, hint="chunk_scores")
 
     x = s["x"]
     x_row = nb.unsqueeze(x, 0)  # [1, Nc]

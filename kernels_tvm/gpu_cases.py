@@ -91,19 +91,23 @@ def make_case(
     variable_chunks: tuple[int, int] | None = None,
     dtype: str = "float32",
     seed: int = 0,
+    key_offset: float = 0.0,
 ) -> AttentionCase:
     """Random q/k/v, boundaries (fixed ``chunk`` or random lengths in ``variable_chunks``) and references.
 
     ``q_len`` < ``k_len`` makes the queries the last positions (decode with a
     KV cache).  Half-precision cases round the inputs to fp16 first, so the
-    reference sees exactly what the kernel reads.
+    reference sees exactly what the kernel reads.  ``key_offset`` adds that many
+    times one random vector to every key: a common component like real keys
+    have, which DHSA's centred chunk scores must ignore.
     """
     q_len = k_len if q_len is None else q_len
     if not 1 <= q_len <= k_len:
         raise ValueError(f"need 1 <= q_len <= k_len, got q_len={q_len}, k_len={k_len}")
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((heads_q, q_len, head_dim)).astype(dtype)
-    k = rng.standard_normal((heads_kv, k_len, head_dim)).astype(dtype)
+    k = rng.standard_normal((heads_kv, k_len, head_dim))
+    k = (k + key_offset * rng.standard_normal(head_dim)).astype(dtype)
     v = rng.standard_normal((heads_kv, k_len, head_dim)).astype(dtype)
     if variable_chunks is not None:
         bounds = random_boundaries(k_len, variable_chunks[0], variable_chunks[1], rng)

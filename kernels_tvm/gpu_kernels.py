@@ -19,10 +19,11 @@ Attention (sparse and dense), one work-group per (KV head, query tile):
   kept chunks ``sel[h, c, :nsel]`` cut to start after the sinks (the union of
   the reference's key ranges, without double counting).
 
-Selection: two kernels in one PrimFunc.  (1) pooled keys k̄ [Hkv, Nc, D] (one
-work-group per key chunk and KV head, threads over D); (2) one thread per
-(KV head, query chunk) row: pooled group query, scores against k̄ for the
-chunks before its own, an insertion top-list of capacity M, the greedy prefix
+Selection: kernels in one PrimFunc.  (0) clear the top-lists; (1) pooled keys
+k̄ [Hkv, Nc, D] (one work-group per key chunk and KV head, threads over D);
+(1b, DHSA) prefix sums of the chunk sums, for the centring term; (2) one thread
+per (KV head, query chunk) row: pooled group query, centred scores against k̄
+for the chunks before its own, an insertion top-list of capacity M, the greedy prefix
 under the budget and the ascending sort: exactly :func:`edgeattn.dhsa.select_for`.
 
 Decode (``spec.decode``, Lq = 1): flash-decoding, the keys of each query head
@@ -426,6 +427,7 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
         NSEL = T.match_buffer(nsel, (hkv, Nq), "int32")
         kbar = T.alloc_buffer((hkv, Nc1 - 1, d), "float32")
         topv = T.alloc_buffer((hkv, Nq, M), "float32")
+        kpre = T.alloc_buffer((hkv, Nc1, d), "float32")  # kpre[h, x] = sum of K[h, :B[x]] (DHSA centring)
         # ---- kernel 0: clear the top-list scores.  Also keeps ``topv`` a function-level workspace: a
         # global buffer used inside one thread-bound kernel only is compacted to a per-thread region
         # by TVM 0.27's CompactBufferAllocation, with wrong offsets.
@@ -447,13 +449,23 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
                             acc[0] = acc[0] + T.Cast("float32", K[hp, B[xp] + t, p * tp + tp_])
                         if normalize:
                             kbar[hp, xp, p * tp + tp_] = acc[0] * T.rsqrt(T.Cast("float32", B[xp + 1] - B[xp]))
+                            kpre[hp, xp + 1, p * tp + tp_] = acc[0]
                         else:
                             kbar[hp, xp, p * tp + tp_] = acc[0] / T.Cast("float32", B[xp + 1] - B[xp])
+        # ---- kernel 1b (DHSA): chunk sums -> prefix sums over chunks, one thread per (head, dim)
+        if normalize:
+            for bs in T.thread_binding(hkv, thread="blockIdx.x"):
+                for ts in T.thread_binding(tp, thread="threadIdx.x"):
+                    for p in range(npool):
+                        if p * tp + ts < d:
+                            kpre[bs, 0, p * tp + ts] = T.float32(0)
+                            for x in range(1, Nc1):
+                                kpre[bs, x, p * tp + ts] = kpre[bs, x, p * tp + ts] + kpre[bs, x - 1, p * tp + ts]
         # ---- kernel 2: one thread per (KV head, query chunk) row
         for bx in T.thread_binding((hkv * Nq + rt - 1) // rt, thread="blockIdx.x"):
             for tx in T.thread_binding(rt, thread="threadIdx.x"):
                 qbar = T.alloc_buffer((d,), "float32", scope="local")
-                sv = T.alloc_buffer((2,), "float32", scope="local")  # score, q scale
+                sv = T.alloc_buffer((3,), "float32", scope="local")  # score, q scale, q̄·μ (DHSA centring)
                 iv = T.alloc_buffer((5,), "int32", scope="local")  # cnt (later: flag), pos, go, used, kept
                 row = T.min(bx * rt + tx, hkv * Nq - 1)  # clamped: the tail threads recompute the last row
                 h = row // Nq
@@ -475,12 +487,19 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
                         sv[1] = T.float32(ginv) / T.Cast("float32", ke - qs)
                     for dd in range(d):
                         qbar[dd] = qbar[dd] * sv[1]
+                    sv[2] = T.float32(0)
+                    if normalize:
+                        for dd in range(d):
+                            sv[2] = sv[2] + qbar[dd] * kpre[h, own, dd]
+                        sv[2] = sv[2] / T.Cast("float32", T.max(ks, 1))
                     # top-list (descending score, ties: lower chunk id first) over the chunks before own
                     iv[0] = 0
                     for x in range(own):
                         sv[0] = T.float32(0)
                         for dd in range(d):
                             sv[0] = sv[0] + qbar[dd] * kbar[h, x, dd]
+                        if normalize:
+                            sv[0] = sv[0] - T.sqrt(T.Cast("float32", B[x + 1] - B[x])) * sv[2]
                         if iv[0] < M or sv[0] > topv[h, c, M - 1]:
                             iv[1] = T.min(iv[0], M - 1)
                             iv[2] = 1

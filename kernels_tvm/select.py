@@ -6,7 +6,9 @@ Semantics are exactly those of :func:`edgeattn.dhsa.select_for` (see KERNELS.md)
    block-sparse); q̄[h, c] = the same pool of the queries of query chunk c (the key
    chunk ``own = c + Nc - Nq`` cut to the query range), averaged over the g query
    heads of KV head h.
-2. score[x] = q̄ · k̄[x] for the key chunks x < own.
+2. score[x] = q̄ · k̄[x] - sqrt(len(x)) · q̄ · μ for the key chunks x < own, where μ is the
+   mean key before the own chunk (DHSA only: the centring of :mod:`edgeattn.dhsa`); μ comes
+   from chunk prefix sums of the keys, kpre[h, x] = sum of K[h, :b_x].
 3. Candidates in score order (descending; ties: lower chunk id first) are kept while
    their running token charge (chunk length minus its overlap with the sinks) fits in
    ``budget - len(own) - min(start(own), sinks)``: a prefix of the order.
@@ -61,6 +63,7 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
         NSEL = T.match_buffer(nsel_h, (hkv, Nq), "int32")
         kbar = T.alloc_buffer((hkv, Nc1 - 1, d), "float32")
         topv = T.alloc_buffer((hkv, Nq, M), "float32")
+        kpre = T.alloc_buffer((hkv, Nc1, d), "float32")  # kpre[h, x] = sum of K[h, :B[x]] (DHSA centring)
         # ---- 1. key-chunk pooling
         for x in T.parallel(Nc1 - 1):
             for h in range(hkv):
@@ -74,8 +77,19 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
                     for dv in T.vectorized(vl):
                         if normalize:
                             kbar[h, x, d0 * vl + dv] = acc[dv] * T.rsqrt(T.Cast("float32", B[x + 1] - B[x]))
+                            kpre[h, x + 1, d0 * vl + dv] = acc[dv]
                         else:
                             kbar[h, x, d0 * vl + dv] = acc[dv] / T.Cast("float32", B[x + 1] - B[x])
+        # ---- 1b. chunk sums -> prefix sums over chunks (sequential in x, parallel over heads and dims)
+        if normalize:
+            for hd in T.parallel(hkv * nd):
+                for dv in T.vectorized(vl):
+                    kpre[hd // nd, 0, (hd % nd) * vl + dv] = T.float32(0)
+                for x in range(1, Nc1):
+                    for dv in T.vectorized(vl):
+                        kpre[hd // nd, x, (hd % nd) * vl + dv] = (
+                            kpre[hd // nd, x, (hd % nd) * vl + dv] + kpre[hd // nd, x - 1, (hd % nd) * vl + dv]
+                        )
         # ---- 2.-4. one row (KV head, query chunk) at a time
         for hc in T.parallel(hkv * Nq):
             hh = T.Bind(hc // Nq)
@@ -101,6 +115,13 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
                 qscale[0] = T.float32(ginv) / T.Cast("float32", ke - qs)
             for dd in T.vectorized(d):
                 qbar[dd] = qbar[dd] * qscale[0]
+            # DHSA centring: q̄ · μ with μ = the mean key before the own chunk
+            qmu = T.alloc_buffer((1,), "float32", scope="local")
+            qmu[0] = T.float32(0)
+            if normalize:
+                for dd in range(d):
+                    qmu[0] = qmu[0] + qbar[dd] * kpre[hh, own, dd]
+                qmu[0] = qmu[0] / T.Cast("float32", T.max(ks, 1))
             # top-list insertion over candidates x < own (descending score, ties: lower id first)
             cnt = T.alloc_buffer((1,), "int32", scope="local")
             pos = T.alloc_buffer((1,), "int32", scope="local")
@@ -117,6 +138,8 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
                 sc[0] = T.float32(0)
                 for dv in range(vl):
                     sc[0] = sc[0] + part[dv]
+                if normalize:
+                    sc[0] = sc[0] - T.sqrt(T.Cast("float32", B[x + 1] - B[x])) * qmu[0]
                 go[0] = 0
                 if cnt[0] < M:
                     go[0] = 1

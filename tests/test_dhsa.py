@@ -107,16 +107,47 @@ def test_chunk_pooling_is_length_normalized() -> None:
     assert torch.allclose(dhsa.pool_chunks(x, bounds, normalize=False)[0, 0, :, 0], torch.tensor([1.0, 1.0]))
 
 
-def test_block_sparse_differs_from_dhsa_only_in_pooling() -> None:
+def test_dhsa_scores_are_length_normalised_and_centred() -> None:
+    """score[c, x] = sqrt(|c|·|x|)·mean(q over c)·(mean(k over x) - mean(k before c)), for x before c."""
     q, k, _ = _qkv(1, 64, hkv=1, batch=1, seed=5)
-    bounds = torch.tensor([0, 3, 30, 64])
-    dhsa_scores = dhsa.chunk_scores(q, k, bounds, bounds, normalize=True)
-    block_scores = dhsa.chunk_scores(q, k, bounds, bounds, normalize=False)
-    lengths = dhsa.chunk_lengths(bounds).float()
-    ratio = dhsa_scores / block_scores
-    expected = lengths.sqrt()[:, None] * lengths.sqrt()[None, :]
-    finite = torch.isfinite(ratio[0, 0])
-    assert torch.allclose(ratio[0, 0][finite], expected[finite], rtol=1e-4)
+    bounds = torch.tensor([0, 3, 30, 41, 64])
+    scores = dhsa.chunk_scores(q, k, bounds, bounds, normalize=True)[0, 0]
+    for c in range(1, 4):
+        qc = q[0, 0, bounds[c] : bounds[c + 1]]
+        mu = k[0, 0, : bounds[c]].mean(0)
+        for x in range(c):
+            kx = k[0, 0, bounds[x] : bounds[x + 1]]
+            expected = (len(qc) * len(kx)) ** 0.5 * qc.mean(0) @ (kx.mean(0) - mu)
+            assert torch.allclose(scores[c, x], expected, rtol=1e-4, atol=1e-5)
+    # block-sparse: plain means, no centring (a per-row constant would not change its ranking)
+    block = dhsa.chunk_scores(q, k, bounds, bounds, normalize=False)[0, 0]
+    assert torch.allclose(block[3, 1], q[0, 0, 41:].mean(0) @ k[0, 0, 3:30].mean(0), rtol=1e-4)
+
+
+def test_selection_ignores_a_common_key_offset() -> None:
+    """Attention is blind to a vector added to every key; so is DHSA's selection (variable chunks)."""
+    q, k, _ = _qkv(2, 300, hkv=1, batch=1, seed=11)
+    gen = torch.Generator().manual_seed(3)
+    cuts = torch.sort(torch.randperm(290, generator=gen)[:30] + 5).values
+    bounds = torch.unique(torch.cat([torch.tensor([0]), cuts, torch.tensor([300])]))
+    cfg = AttentionConfig(budget=96, chunk_size=8, sinks=2)
+    offset = 3.0 * torch.randn(k.shape[-1], generator=gen)
+    _, keep = dhsa.select_for(q, k, cfg, bounds)
+    _, keep_shifted = dhsa.select_for(q, k + offset, cfg, bounds)
+    assert torch.equal(keep, keep_shifted)
+
+
+def test_centring_leaves_fixed_chunk_ranking_alone() -> None:
+    """With equal chunk lengths the centring term is one constant per row: same kept chunks as raw scores."""
+    q, k, _ = _qkv(2, 256, hkv=2, batch=1, seed=8)
+    bounds = dhsa.fixed_boundaries(256, 16)
+    raw = dhsa.pool_chunks(q, bounds).view(1, 2, 2, -1, q.shape[-1]).mean(2) @ dhsa.pool_chunks(k, bounds).transpose(
+        -1, -2
+    )
+    raw = raw.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    cfg = AttentionConfig(budget=80, chunk_size=16, sinks=4)
+    _, keep = dhsa.select_for(q, k, cfg, bounds)
+    assert torch.equal(keep, dhsa.select_chunks(raw, bounds, cfg.budget, cfg.sinks))
 
 
 def test_config_rejects_budget_below_own_chunk() -> None:

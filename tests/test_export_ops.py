@@ -96,10 +96,16 @@ def test_ops_match_reference(b, hq, hkv, lq, lk, chunk, budget, sinks, kind, sof
     assert keep.float().mean() < 1.0  # the selection really drops chunks in these cases
 
 
-def test_variable_boundaries_as_input():
-    """Adaptive chunking feeds boundaries as a tensor: the ops take any valid partition."""
+@pytest.mark.parametrize("key_offset", [0.0, 2.0])
+def test_variable_boundaries_as_input(key_offset: float):
+    """Adaptive chunking feeds boundaries as a tensor: the ops take any valid partition.
+
+    ``key_offset`` gives the keys a common component (as real keys have), where
+    the centring term of DHSA's chunk scores decides the order.
+    """
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    k = k + key_offset * torch.randn(8)
     bounds = torch.tensor([0, 3, 9, 12, 20, 26, 27, 35, 40])
     cfg = AttentionConfig(kind="dhsa", budget=16, chunk_size=8, sinks=2, chunking="shift", min_chunk=1, max_chunk=8)
     sel, _, out, width = run_ops(q, k, v, bounds, cfg, min_chunk=1)

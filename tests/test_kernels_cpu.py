@@ -139,11 +139,14 @@ def run_dense(q, k, v, softcap=None, window=None, decode=None):
 def test_selection_identical_to_reference(hq: int, hkv: int, kind: str) -> None:
     d, length, chunk, budget, sinks = 32, 203, 8, 48, 3
     q, k, _ = make_qkv(hq, hkv, d, length, length, seed=hq + 10 * hkv)
-    cases = [dhsa.fixed_boundaries(length, chunk)]
+    cases = [(dhsa.fixed_boundaries(length, chunk), k)]
     if kind == "dhsa":
-        cases.append(variable_boundaries(length, 3, 17, seed=hq))
+        varied = variable_boundaries(length, 3, 17, seed=hq)
+        # keys with a large common component: the centring term decides the order here
+        common = 2.0 * torch.randn(d, generator=torch.Generator().manual_seed(hq))
+        cases += [(varied, k), (varied, k + common.to(k.dtype))]
     cfg = AttentionConfig(kind=kind, budget=budget, chunk_size=chunk, sinks=sinks, max_chunk=17, min_chunk=3)
-    for b in cases:
+    for b, k in cases:
         for lq in (length, 1, 37):  # prefill, decode, a suffix of queries
             qq = q[:, length - lq :]
             sel, nsel, _ = run_selection(qq, k, b, budget, sinks, normalize=kind == "dhsa")

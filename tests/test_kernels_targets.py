@@ -175,6 +175,8 @@ def test_opencl_matches_reference_for_every_gqa_ratio(group: int) -> None:
 def test_opencl_variable_chunks_softcap_window() -> None:
     case = make_case(4, 1, 16, 93, variable_chunks=(3, 13), budget=40, sinks=3, softcap=20.0, window=37, seed=5)
     _check_opencl(case)
+    # keys with a large common component: the centring term of the chunk scores decides the order
+    _check_opencl(make_case(4, 1, 16, 93, variable_chunks=(3, 13), budget=40, sinks=3, seed=6, key_offset=2.0))
 
 
 @needs_opencl
@@ -209,7 +211,7 @@ def test_opencl_adreno_profile_runs() -> None:
 
 @needs_opencl
 def test_opencl_launch_plan_is_tvms() -> None:
-    """The launches come from TVM's host code: 3 kernels for selection, grid from the shapes."""
+    """The launches come from TVM's host code: 4 kernels for DHSA selection, grid from the shapes."""
     case = make_case(4, 2, 16, 77, chunk=8, budget=32)
     runner = _opencl_runner("opencl-mali", case.spec(OP_SELECT))
     plan = runner.plan(case.args(OP_SELECT))
@@ -217,10 +219,11 @@ def test_opencl_launch_plan_is_tvms() -> None:
         "dhsa_chunk_select_kernel",
         "dhsa_chunk_select_kernel_1",
         "dhsa_chunk_select_kernel_2",
+        "dhsa_chunk_select_kernel_3",
     ]
     nc = len(case.boundaries) - 1
     assert plan.launches[1].grid == (2 * nc, 1, 1)  # one work-group per (KV head, key chunk)
-    assert set(plan.workspaces) == {"kbar", "topv"}
+    assert set(plan.workspaces) == {"kbar", "topv", "kpre"}
     for launch in plan.launches:
         assert f"void {launch.name}(" in runner.source
 
