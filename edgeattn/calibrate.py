@@ -199,6 +199,16 @@ def best_threshold(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> tu
     return best
 
 
+def rate_threshold(logits: list[torch.Tensor], labels: list[torch.Tensor], rate: float) -> tuple[float, float]:
+    """The logit threshold that marks a ``rate`` share of (validation) positions: (threshold, f1 there)."""
+    allz = torch.cat(logits)
+    thr = float(torch.quantile(allz, min(max(1.0 - rate, 0.0), 1.0)))
+    return thr, f1_score(allz > thr, torch.cat(labels))["f1"]
+
+
+THRESHOLD_RULES = ("rate", "f1")
+
+
 def train(
     data: list[list[Sample]],
     config: PredictorConfig,
@@ -207,12 +217,22 @@ def train(
     seed: int = 0,
     split: tuple[float, float] = (0.7, 0.15),
     progress: Callable[[str], None] = _log,
+    threshold_rule: str = "rate",
 ) -> TrainResult:
     """Fit a predictor on ``data`` (per sequence, per layer samples); split by *sequence*.
 
     Deterministic for a given seed (torch and Python RNGs are seeded here; run
     with the same thread count for bit-identical weights).
+
+    ``threshold_rule`` picks the decision threshold on the validation split:
+    ``rate`` marks as many positions as the labels do (the training label
+    rate), so the predictor cuts chunks as fine as the shift labels it
+    imitates; ``f1`` takes the F1-optimal threshold, which on a rare class
+    marks fewer positions (longer chunks, and less attention mass kept at a
+    given budget: see CHUNKING.md).
     """
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
     if len(data) < 3:
         raise ValueError(f"need at least 3 sequences to train / validate / test, got {len(data)}")
     torch.manual_seed(seed)
@@ -253,7 +273,10 @@ def train(
                 f"({time.perf_counter() - t0:.0f} s)"
             )
     vl = _logits(net, val_set)
-    thr, val_f1 = best_threshold(vl, [s.labels for s in val_set])
+    if threshold_rule == "rate":
+        thr, val_f1 = rate_threshold(vl, [s.labels for s in val_set], rate)
+    else:
+        thr, val_f1 = best_threshold(vl, [s.labels for s in val_set])
     tl = _logits(net, test_set)
     pred = torch.cat([z > thr for z in tl])
     gold = torch.cat([s.labels for s in test_set])
@@ -294,6 +317,7 @@ def calibrate(
     window: int = 8,
     hidden: int = 64,
     loaded: Any = None,
+    threshold_rule: str = "rate",
 ) -> tuple[Path, dict[str, Any]]:
     """Train and save a predictor; returns (path, card).  The function behind the CLI verb.
 
@@ -307,6 +331,8 @@ def calibrate(
         raise ConfigError(f"--seq-len must be >= 64 (a few chunks per sequence), got {seq_len}")
     if sequences_n < 3:
         raise ConfigError(f"--sequences must be >= 3 (train, validation and test need one each), got {sequences_n}")
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ConfigError(f"--threshold must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
     t_start = time.perf_counter()
     loaded = loaded if loaded is not None else models.load(model_spec)
     if loaded.tokenizer is None:
@@ -336,7 +362,7 @@ def calibrate(
     cfg = PredictorConfig(
         in_dim=fp["key_features"], hidden=hidden, window=window, model={"name": loaded.name, "fingerprint": fp}
     )
-    result = train(data, cfg, epochs=epochs, seed=seed)
+    result = train(data, cfg, epochs=epochs, seed=seed, threshold_rule=threshold_rule)
     card = {
         "model": loaded.name,
         "fingerprint": fp,
@@ -356,6 +382,10 @@ def calibrate(
         "training": {"epochs": epochs, "optimizer": "AdamW lr 3e-3 cosine, weighted BCE", "seed": seed},
         "split": "by sequence, 70% train / 15% validation (threshold) / 15% test (F1)",
         "threshold": result.threshold,
+        "threshold_rule": {
+            "rate": "marks the training label rate of validation positions (chunks as fine as the labels)",
+            "f1": "the F1-optimal threshold on validation",
+        }[threshold_rule],
         "f1": {
             "validation": round(result.val_f1, 4),
             "test": {k: round(v, 4) for k, v in result.test.items()},
@@ -364,7 +394,9 @@ def calibrate(
         },
         "seconds": {"training": round(result.seconds, 1), "total": round(time.perf_counter() - t_start, 1)},
         "threads": torch.get_num_threads(),
-        "command": _command_line(model_spec, out, text_path, seq_len, sequences_n, epochs, seed, threads),
+        "command": _command_line(
+            model_spec, out, text_path, seq_len, sequences_n, epochs, seed, threads, threshold_rule
+        ),
     }
     target = out if out is not None else predictor.cache_path(loaded.config)
     if target.suffix != ".safetensors":
@@ -375,10 +407,12 @@ def calibrate(
 
 
 def _command_line(model: str | None, out: Path | None, text_path: Path | None, *nums: Any) -> str:
-    seq_len, n, epochs, seed, threads = nums
+    seq_len, n, epochs, seed, threads, rule = nums
     parts = ["edgeattn calibrate"] + ([model] if model else [])
     if threads:
         parts.append(f"--threads {threads}")
+    if rule != "rate":
+        parts.append(f"--threshold {rule}")
     if text_path is not None:
         parts.append(f"--text {text_path}")
     parts.append(f"--seq-len {seq_len} --sequences {n} --epochs {epochs} --seed {seed}")
@@ -415,6 +449,15 @@ def calibrate_command(
     epochs: Annotated[int, _opt("Passes over the training sequences.")] = 15,
     seed: Annotated[int, _opt("Random seed: same seed, text and thread count give the same weights.")] = 0,
     threads: Annotated[int | None, _opt("CPU threads for torch (default: torch's choice).")] = None,
+    threshold_rule: Annotated[
+        str,
+        _opt(
+            "How the decision threshold is picked on the validation split: 'rate' marks as many positions "
+            "as the labels do (chunks as fine as the shift labels; keeps more attention mass), 'f1' takes "
+            "the F1-optimal threshold (fewer, longer chunks).",
+            "--threshold",
+        ),
+    ] = "rate",
 ) -> None:
     """Train the adaptive-chunking boundary predictor for MODEL on real text (CPU, a few minutes).
 
@@ -431,7 +474,9 @@ def calibrate_command(
     The built-in gemma3-270m already ships with a predictor trained by this
     command with its defaults; --chunking shift needs no training at all.
     """
-    path, card = calibrate(model, out, text_path, seq_len, sequences_n, epochs, seed, threads)
+    path, card = calibrate(
+        model, out, text_path, seq_len, sequences_n, epochs, seed, threads, threshold_rule=threshold_rule
+    )
     f1 = card["f1"]["test"]
     print(
         f"held-out boundary F1 {f1['f1']:.3f} (precision {f1['precision']:.3f}, recall {f1['recall']:.3f}; "

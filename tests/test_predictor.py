@@ -133,6 +133,29 @@ def test_training_learns_planted_boundaries() -> None:
     assert result.net.config.threshold == result.threshold
 
 
+def test_rate_threshold_marks_the_label_rate() -> None:
+    logits = [torch.linspace(-5, 5, 1000), torch.linspace(-1, 3, 500)]
+    labels = [torch.zeros(1000, dtype=torch.bool), torch.zeros(500, dtype=torch.bool)]
+    thr, _ = calibrate.rate_threshold(logits, labels, 0.06)
+    marked = float((torch.cat(logits) > thr).float().mean())
+    assert abs(marked - 0.06) < 0.002
+
+
+def test_threshold_rules_rate_and_f1() -> None:
+    cfg = PredictorConfig(in_dim=32, hidden=8, window=4, mlp=8)
+    data = _planted_data(4, 120)
+    quiet = {"epochs": 3, "seed": 1, "progress": lambda _m: None}
+    by_rate = calibrate.train(data, cfg, threshold_rule="rate", **quiet)
+    by_f1 = calibrate.train(data, cfg, threshold_rule="f1", **quiet)
+    # same weights (same seed), only the threshold differs
+    for x, y in zip(by_rate.net.state_dict().values(), by_f1.net.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+    assert by_rate.net.config.threshold == by_rate.threshold
+    assert by_f1.val_f1 >= by_rate.val_f1  # f1 is the F1-optimal choice on validation
+    with pytest.raises(ValueError, match="threshold rule"):
+        calibrate.train(data, cfg, threshold_rule="best", **quiet)
+
+
 def test_training_is_deterministic() -> None:
     cfg = PredictorConfig(in_dim=32, hidden=8, window=4, mlp=8)
     data = _planted_data(3, 80)
