@@ -38,20 +38,24 @@ from edgeattn.runtime.measure import cpu_model
 PYDOC_OFFSET = 50_000
 
 
+SCORINGS = {
+    "dhsa": {"normalize": True, "center": True},  # what every backend computes
+    "uncentred": {"normalize": True, "center": False},  # diagnostic: sqrt(len) pooling of raw keys
+    "plain-mean": {"normalize": False, "center": False},  # diagnostic: block-sparse pooling
+}
+
+
 def kept_mass(
-    q: torch.Tensor, k: torch.Tensor, scaling: float, cfg: AttentionConfig, b: torch.Tensor, plain_mean: bool = False
+    q: torch.Tensor, k: torch.Tensor, scaling: float, cfg: AttentionConfig, b: torch.Tensor, scoring: str = "dhsa"
 ) -> float:
     """Mean over queries and query heads of the dense softmax mass on the keys DHSA keeps.
 
-    ``plain_mean`` scores chunks by plain mean pooling instead of DHSA's
-    sqrt(length)-normalised pooling (a diagnostic outside the operator contract).
+    ``scoring`` other than ``dhsa`` scores the chunks another way (diagnostics:
+    without the centring term, or with plain mean pooling), see ``SCORINGS``.
     """
     length = k.shape[2]
-    if plain_mean:
-        qb = dhsa.query_boundaries(b, length, length)
-        keep = dhsa.select_chunks(dhsa.chunk_scores(q, k, qb, b, normalize=False), b, cfg.budget, cfg.sinks)
-    else:
-        _, keep = dhsa.select_for(q, k, cfg, b)
+    qb = dhsa.query_boundaries(b, length, length)
+    keep = dhsa.select_chunks(dhsa.chunk_scores(q, k, qb, b, **SCORINGS[scoring]), b, cfg.budget, cfg.sinks)
     mask = dhsa.kept_token_mask(keep, b, length, cfg.sinks)[0]  # [Hkv, L, L]
     causal = dhsa.causal_mask(length, length, None)
     hq, hkv = q.shape[1], k.shape[1]
@@ -143,8 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         cfg = cfg.with_(chunk_size=int(b[1] - b[0]))
                     row = {"length": length, "layer": layer, "budget": budget, "source": name, "chunks": len(b) - 1}
                     row["mass"] = kept_mass(q, k, scaling, cfg, b)
-                    if args.plain_mean:
-                        row["mass_plain_mean"] = kept_mass(q, k, scaling, cfg, b, plain_mean=True)
+                    for scoring in args.diagnostics:
+                        row[f"mass_{scoring}"] = kept_mass(q, k, scaling, cfg, b, scoring)
                     rows.append(row)
             print(f"[bench] L={length} layer {layer} done", file=sys.stderr, flush=True)
     return {
@@ -179,8 +183,13 @@ def table(result: dict[str, Any]) -> str:
     budgets = sorted({r["budget"] for r in result["mass"]})
     order = ["fixed", "shift", "predictor", "fixed@shift", "fixed@predictor"]
     metrics = [("mass", "")]
-    if any("mass_plain_mean" in r for r in result["mass"]):
-        metrics.append(("mass_plain_mean", " [diagnostic: plain-mean chunk pooling, not DHSA's sqrt(len) scaling]"))
+    notes = {
+        "uncentred": " [diagnostic: sqrt(len) pooling without DHSA's centring term]",
+        "plain-mean": " [diagnostic: plain-mean chunk pooling (block-sparse's), not DHSA's]",
+    }
+    for scoring, note in notes.items():
+        if any(f"mass_{scoring}" in r for r in result["mass"]):
+            metrics.append((f"mass_{scoring}", note))
     for (metric, note), length in [(m, n) for m in metrics for n in sorted({r["length"] for r in result["mass"]})]:
         lines.append("")
         lines.append(f"L = {length}{note}")
@@ -207,6 +216,14 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _diagnostics(value: str) -> list[str]:
+    names = [x for x in value.split(",") if x]
+    unknown = [x for x in names if x not in SCORINGS or x == "dhsa"]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown diagnostic {unknown[0]!r}; choose from uncentred, plain-mean")
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model spec (default: the built-in gemma3-270m)")
@@ -221,7 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--predictor", type=Path, default=None, help="predictor file (default: the one for the model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--plain-mean", action="store_true", help="also score chunks by plain mean pooling (diagnostic)")
+    p.add_argument(
+        "--diagnostics",
+        type=_diagnostics,
+        default=[],
+        help="also score chunks these other ways: uncentred (sqrt(len) pooling of raw keys), plain-mean",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = p.parse_args(argv)
     result = run(args)

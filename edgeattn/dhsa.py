@@ -118,12 +118,15 @@ def chunk_scores(
     q_boundaries: torch.Tensor,
     k_boundaries: torch.Tensor,
     normalize: bool = True,
+    center: bool = True,
 ) -> torch.Tensor:
     """Causal chunk-to-chunk scores, one matrix per KV head: [B, Hkv, Nq, Nk].
 
     Query heads of a GQA group are averaged (see the module docstring).  Key
     chunks after the query chunk get -inf.  ``q_boundaries`` partition the
     query positions, ``k_boundaries`` the keys; in prefill they are equal.
+    ``center=False`` drops the centring term of DHSA scores: a diagnostic
+    (benchmarks/chunking.py), not what any backend computes.
     """
     b, hq, _, d = q.shape
     hkv = k.shape[1]
@@ -134,7 +137,7 @@ def chunk_scores(
     scores = qbar @ kbar.transpose(-1, -2)
     nq, nk = scores.shape[-2:]
     offset = nk - nq  # query chunk i is key chunk i + offset
-    if normalize:
+    if normalize and center:
         scores = scores - candidate_mean_term(qbar, ksum, k_boundaries, offset)
     future = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(offset + 1)
     return scores.masked_fill(future, float("-inf"))
