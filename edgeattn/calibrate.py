@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from edgeattn import patching
-from edgeattn.chunking import _moving_mean, key_features
-from edgeattn.config import ConfigError
+from edgeattn.chunking import _moving_mean, boundaries_from_scores, key_features
+from edgeattn.config import AttentionConfig, ConfigError
 from edgeattn.predictor import BoundaryPredictor, PredictorConfig
 
 # Label rule defaults (see CHUNKING.md for why these).
@@ -199,14 +199,31 @@ def best_threshold(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> tu
     return best
 
 
-def rate_threshold(logits: list[torch.Tensor], labels: list[torch.Tensor], rate: float) -> tuple[float, float]:
-    """The logit threshold that marks a ``rate`` share of (validation) positions: (threshold, f1 there)."""
+def chunk_count_threshold(
+    logits: list[torch.Tensor], labels: list[torch.Tensor], min_chunk: int, max_chunk: int
+) -> tuple[float, float]:
+    """The logit threshold whose chunks are as many as the labels' on (validation) data: (threshold, f1 there).
+
+    Both partitions come from :func:`edgeattn.chunking.boundaries_from_scores`
+    with the same length bounds, so the predictor cuts chunks as fine as the
+    shift labels it imitates.  (Matching the raw rate of positions instead
+    would cut fewer chunks: the logits stay high for a few positions around a
+    boundary, while the labels are single local maxima.)
+    """
+
+    def chunks(thr: float) -> int:
+        return sum(len(boundaries_from_scores(z, thr, min_chunk, max_chunk)) - 1 for z in logits)
+
+    target = sum(len(boundaries_from_scores(y.float(), 0.5, min_chunk, max_chunk)) - 1 for y in labels)
     allz = torch.cat(logits)
-    thr = float(torch.quantile(allz, min(max(1.0 - rate, 0.0), 1.0)))
-    return thr, f1_score(allz > thr, torch.cat(labels))["f1"]
+    lo, hi = float(allz.min()) - 1.0, float(allz.max())  # chunks(lo) is the most, chunks(hi) the fewest
+    for _ in range(40):  # bisection: the chunk count falls as the threshold rises
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chunks(mid) > target else (lo, mid)
+    return hi, f1_score(allz > hi, torch.cat(labels))["f1"]
 
 
-THRESHOLD_RULES = ("rate", "f1")
+THRESHOLD_RULES = ("chunks", "f1")
 
 
 def train(
@@ -217,7 +234,8 @@ def train(
     seed: int = 0,
     split: tuple[float, float] = (0.7, 0.15),
     progress: Callable[[str], None] = _log,
-    threshold_rule: str = "rate",
+    threshold_rule: str = "chunks",
+    chunk_bounds: tuple[int, int] = (AttentionConfig.min_chunk, AttentionConfig.max_chunk),
 ) -> TrainResult:
     """Fit a predictor on ``data`` (per sequence, per layer samples); split by *sequence*.
 
@@ -225,11 +243,10 @@ def train(
     with the same thread count for bit-identical weights).
 
     ``threshold_rule`` picks the decision threshold on the validation split:
-    ``rate`` marks as many positions as the labels do (the training label
-    rate), so the predictor cuts chunks as fine as the shift labels it
-    imitates; ``f1`` takes the F1-optimal threshold, which on a rare class
-    marks fewer positions (longer chunks, and less attention mass kept at a
-    given budget: see CHUNKING.md).
+    ``chunks`` cuts as many chunks (within ``chunk_bounds``) as the labels do,
+    so the predictor's chunks are as fine as the shift labels it imitates;
+    ``f1`` takes the F1-optimal threshold, which cuts fewer, longer chunks
+    (and keeps less attention mass at a given budget: see CHUNKING.md).
     """
     if threshold_rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
@@ -273,8 +290,8 @@ def train(
                 f"({time.perf_counter() - t0:.0f} s)"
             )
     vl = _logits(net, val_set)
-    if threshold_rule == "rate":
-        thr, val_f1 = rate_threshold(vl, [s.labels for s in val_set], rate)
+    if threshold_rule == "chunks":
+        thr, val_f1 = chunk_count_threshold(vl, [s.labels for s in val_set], *chunk_bounds)
     else:
         thr, val_f1 = best_threshold(vl, [s.labels for s in val_set])
     tl = _logits(net, test_set)
@@ -317,7 +334,7 @@ def calibrate(
     window: int = 8,
     hidden: int = 64,
     loaded: Any = None,
-    threshold_rule: str = "rate",
+    threshold_rule: str = "chunks",
 ) -> tuple[Path, dict[str, Any]]:
     """Train and save a predictor; returns (path, card).  The function behind the CLI verb.
 
@@ -383,7 +400,8 @@ def calibrate(
         "split": "by sequence, 70% train / 15% validation (threshold) / 15% test (F1)",
         "threshold": result.threshold,
         "threshold_rule": {
-            "rate": "marks the training label rate of validation positions (chunks as fine as the labels)",
+            "chunks": "as many chunks on validation as the labels give, lengths in "
+            f"[{AttentionConfig.min_chunk}, {AttentionConfig.max_chunk}] (chunks as fine as the labels)",
             "f1": "the F1-optimal threshold on validation",
         }[threshold_rule],
         "f1": {
@@ -411,7 +429,7 @@ def _command_line(model: str | None, out: Path | None, text_path: Path | None, *
     parts = ["edgeattn calibrate"] + ([model] if model else [])
     if threads:
         parts.append(f"--threads {threads}")
-    if rule != "rate":
+    if rule != "chunks":
         parts.append(f"--threshold {rule}")
     if text_path is not None:
         parts.append(f"--text {text_path}")
@@ -452,12 +470,12 @@ def calibrate_command(
     threshold_rule: Annotated[
         str,
         _opt(
-            "How the decision threshold is picked on the validation split: 'rate' marks as many positions "
+            "How the decision threshold is picked on the validation split: 'chunks' cuts as many chunks "
             "as the labels do (chunks as fine as the shift labels; keeps more attention mass), 'f1' takes "
             "the F1-optimal threshold (fewer, longer chunks).",
             "--threshold",
         ),
-    ] = "rate",
+    ] = "chunks",
 ) -> None:
     """Train the adaptive-chunking boundary predictor for MODEL on real text (CPU, a few minutes).
 

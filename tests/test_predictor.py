@@ -133,19 +133,30 @@ def test_training_learns_planted_boundaries() -> None:
     assert result.net.config.threshold == result.threshold
 
 
-def test_rate_threshold_marks_the_label_rate() -> None:
-    logits = [torch.linspace(-5, 5, 1000), torch.linspace(-1, 3, 500)]
-    labels = [torch.zeros(1000, dtype=torch.bool), torch.zeros(500, dtype=torch.bool)]
-    thr, _ = calibrate.rate_threshold(logits, labels, 0.06)
-    marked = float((torch.cat(logits) > thr).float().mean())
-    assert abs(marked - 0.06) < 0.002
+def test_chunk_count_threshold_cuts_as_many_chunks_as_the_labels() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = [torch.rand(600, generator=gen) < 0.07 for _ in range(3)]
+    # noisy logits that stay high for 3 positions after each label (like a smooth predictor)
+    logits = []
+    for y in labels:
+        z = torch.randn(600, generator=gen) - 2.0
+        for shift in range(3):
+            z = z + 4.0 * torch.roll(y.float(), shift)
+        logits.append(z)
+    thr, _ = calibrate.chunk_count_threshold(logits, labels, 8, 64)
+
+    def count(scores: list[torch.Tensor], t: float) -> int:
+        return sum(len(chunking.boundaries_from_scores(x, t, 8, 64)) - 1 for x in scores)
+
+    target = count([y.float() for y in labels], 0.5)
+    assert abs(count(logits, thr) - target) <= 2
 
 
-def test_threshold_rules_rate_and_f1() -> None:
+def test_threshold_rules_chunks_and_f1() -> None:
     cfg = PredictorConfig(in_dim=32, hidden=8, window=4, mlp=8)
     data = _planted_data(4, 120)
     quiet = {"epochs": 3, "seed": 1, "progress": lambda _m: None}
-    by_rate = calibrate.train(data, cfg, threshold_rule="rate", **quiet)
+    by_rate = calibrate.train(data, cfg, threshold_rule="chunks", **quiet)
     by_f1 = calibrate.train(data, cfg, threshold_rule="f1", **quiet)
     # same weights (same seed), only the threshold differs
     for x, y in zip(by_rate.net.state_dict().values(), by_f1.net.state_dict().values(), strict=True):
