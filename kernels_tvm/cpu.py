@@ -64,7 +64,28 @@ def target_lanes(target: tvm.target.Target) -> int:
 
 
 def schedule_for(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule:
-    """Default schedule for a target (AVX2: 8 lanes, AVX-512: 16, NEON: 4)."""
+    """The schedule to build with: a matching tuning record's (see tune.py), else the default."""
+    return schedule_and_source(spec, target)[0]
+
+
+def schedule_and_source(spec: KernelSpec, target: tvm.target.Target) -> tuple[CpuSchedule, str]:
+    """(schedule, where it came from): ``"tuned (<record file>)"`` or ``"default"``.
+
+    Records live in ``kernels_tvm/tuning/<profile>.json``; for ``x86-host`` one applies only
+    when it was measured on this CPU model (the same knobs can be slower on another CPU).
+    A corrupt or foreign record file raises ``tune.TuningRecordError`` naming the file.
+    """
+    from .tune import tuned_schedule  # tune imports this module
+
+    default = default_schedule(spec, target)
+    tuned, path = tuned_schedule(spec, target, lanes=default.lanes)
+    if tuned is not None:
+        return tuned, f"tuned ({path})"
+    return default, "default"
+
+
+def default_schedule(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule:
+    """Hand-picked schedule for a target (AVX2: 8 lanes, AVX-512: 16, NEON: 4)."""
     lanes = target_lanes(target)
     g, d = spec.group, spec.head_dim
     while d % lanes:  # odd head sizes: narrower vectors

@@ -9,7 +9,8 @@ Targets: a ``tvm.target.Target``, a JSON dict, ``"llvm"`` / ``None`` / ``"host"`
 its ``mcpu``), or a kind name.  Dispatch by target kind: ``llvm`` -> :mod:`.cpu` (x86-64 and
 AArch64 schedules); ``opencl`` / ``cuda`` -> ``kernels_tvm/gpu_kernels.py`` (imported lazily).
 Sequence lengths are symbolic: one compiled kernel serves every length; the cache key is
-(op, static shapes, attributes, target).
+(op, static shapes, attributes, target, CPU schedule): a tuned schedule (``kernels_tvm/tuning``,
+see ``tune.py``) is a different kernel from the default one.
 
 :func:`run_layer` runs one attention layer on the host (batch loop, selection, overflow
 check) for tests, benchmarks and the runtime's host path.
@@ -42,6 +43,8 @@ class CompiledKernel:
     mod: tvm.IRModule
     lib: Any = None
     compile_s: float = 0.0
+    schedule: Any = None  # cpu.CpuSchedule the CPU attention kernels were built with (None: other kernels)
+    schedule_source: str = ""  # "default" or "tuned (<record file>)"
     _func: Any = field(default=None, repr=False)
 
     @property
@@ -147,13 +150,21 @@ def get_kernel(op: str, target: Any = None, *, compile: bool = True, **kw: Any) 
     """
     tgt = resolve_target(target)
     spec = make_spec(op, **kw)
-    key = (spec.key(), str(tgt), compile)
+    schedule, source = None, ""
+    if target_family(tgt) == "cpu" and spec.op != OP_SELECT:
+        from . import cpu
+
+        schedule, source = cpu.schedule_and_source(spec, tgt)
+    key = (spec.key(), str(tgt), compile, schedule)
     with _lock:
         hit = _cache.get(key)
     if hit is not None:
         return hit
-    mod = builder_for(tgt)(spec, tgt)
-    kern = CompiledKernel(spec=spec, target=tgt, mod=mod)
+    if schedule is not None:
+        mod = cpu.build(spec, tgt, schedule)
+    else:
+        mod = builder_for(tgt)(spec, tgt)
+    kern = CompiledKernel(spec=spec, target=tgt, mod=mod, schedule=schedule, schedule_source=source)
     if compile:
         t0 = time.perf_counter()
         kern.lib = compile_module(mod, tgt)

@@ -1,0 +1,644 @@
+"""Schedule tuning for the CPU attention kernels, with records kept per target in the repo.
+
+    python -m edgeattn.kernels_tvm.tune --target x86-host                 # dense + sparse, L = 8192
+    python -m edgeattn.kernels_tvm.tune --target x86-host --op dense --length 16384 --trials 20
+    python -m edgeattn.kernels_tvm.tune --target arm-a76 --rpc 192.168.1.20:9090   # on the device
+
+What is searched: the knobs of :class:`cpu.CpuSchedule` (query tile ``qt``, key tile ``kt``, the
+two register tiles (jb x rb) and (ri x db) limited to what fits the target's vector registers,
+parallel lanes ``par``, K/V prefetch), by coordinate descent from the hand-picked default: one
+knob group at a time, every option of that group tried with the others held at the best so far,
+until ``--trials`` candidates were measured or a whole pass found nothing better.  MetaSchedule
+does not apply: these kernels are hand-written TIR loop nests without schedulable blocks (its
+design-space generator has nothing to act on; see KERNELS.md, "Tuning").
+
+Every candidate is compiled, checked against the PyTorch reference (``edgeattn.dhsa``, float64)
+on a short odd length (wrong ones are rejected, never timed), then timed with TVM's
+``time_evaluator`` (one untimed warm-up, median of ``--repeats``).  The default is timed before
+and after the search: the difference is the run-to-run noise, and the best candidate (re-timed
+at the end, next to the default) is kept only if it beats the faster default time by more than
+that noise; otherwise the record says "default is best here".
+
+Records: ``kernels_tvm/tuning/<target profile>.json`` (``$EDGEATTN_TUNING_DIR`` overrides the
+folder), one record per (op, Hq, Hkv, D, dtype, decode), written atomically.  ``cpu.schedule_for``
+applies a record when the target maps to that profile and, for ``x86-host``, when the record was
+measured on this CPU model with the same LLVM ``mcpu``; otherwise the defaults (a debug log line
+on logger ``edgeattn.kernels_tvm.tune`` says which and why).  A corrupt or foreign record file
+raises :class:`TuningRecordError` naming the file and the fix (never a silent fallback: a record
+file in the repo that cannot be read is a bug to fix, not a reason to run slower unnoticed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
+from .cpu import CpuSchedule
+
+log = logging.getLogger(__name__)
+
+FORMAT = "edgeattn-cpu-tuning/1"
+ENV_DIR = "EDGEATTN_TUNING_DIR"
+TUNED_OPS = (OP_DENSE, OP_SPARSE)
+OP_NAMES = {"dense": OP_DENSE, "sparse": OP_SPARSE}
+CPU_PROFILES = ("x86-host", "arm64", "arm-a76", "arm-a78ae")
+SHAPE_FIELDS = ("heads_q", "heads_kv", "head_dim", "dtype", "decode")
+RETUNE = "python -m edgeattn.kernels_tvm.tune --target {profile}"
+# DHSA settings the sparse kernel is timed with (the benchmark's: budget 2048, chunks of 32, 4 sinks)
+BUDGET, CHUNK, SINKS = 2048, 32, 4
+
+
+class TuningRecordError(ValueError):
+    """A record file that cannot be used; the message names the file and the fix."""
+
+
+# ------------------------------------------------------------------ records: where, what, when
+
+
+def records_dir() -> Path:
+    """The folder of the record files: ``$EDGEATTN_TUNING_DIR`` or ``kernels_tvm/tuning`` (package data)."""
+    env = os.environ.get(ENV_DIR)
+    return Path(env) if env else Path(__file__).resolve().parent / "tuning"
+
+
+def record_path(profile: str) -> Path:
+    return records_dir() / f"{profile}.json"
+
+
+def profile_of(target: Any) -> str | None:
+    """The CPU target profile an LLVM target belongs to (None: not a CPU profile with records)."""
+    if target.kind.name != "llvm":
+        return None
+    triple = str(target.attrs.get("mtriple", ""))
+    if not triple or triple.startswith("x86_64"):
+        return "x86-host"
+    if triple.startswith("aarch64"):
+        mcpu = str(target.attrs.get("mcpu", ""))
+        return {"cortex-a76": "arm-a76", "cortex-a78ae": "arm-a78ae"}.get(mcpu, "arm64")
+    return None
+
+
+def target_mcpu(target: Any) -> str:
+    return str(target.attrs.get("mcpu", "")) or "generic"
+
+
+def shape_key(spec: KernelSpec) -> dict[str, Any]:
+    """What a record is for: op and the static shape (scaling/softcap/window do not move the best tiles)."""
+    return {"op": spec.op, **{f: getattr(spec, f) for f in SHAPE_FIELDS}}
+
+
+def schedule_problem(spec: KernelSpec, sch: CpuSchedule) -> str | None:
+    """Why ``sch`` cannot build ``spec`` (the loop nest's divisibility rules), or None when it can."""
+    g, d, vl = spec.group, spec.head_dim, sch.lanes
+    checks = [
+        (sch.qt % vl == 0, f"qt={sch.qt} is not a multiple of lanes={vl}"),
+        (sch.rb % vl == 0 and 0 < sch.rb <= g * sch.qt, f"rb={sch.rb} must be a multiple of {vl} and <= R"),
+        (sch.db % vl == 0 and d % sch.db == 0, f"db={sch.db} must be a multiple of {vl} dividing D={d}"),
+        (sch.kt % sch.jb == 0, f"kt={sch.kt} is not a multiple of jb={sch.jb}"),
+        (0 < sch.ri <= g * sch.qt, f"ri={sch.ri} must be in [1, R]"),
+        (sch.par >= 1, f"par={sch.par} must be >= 1"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    return None
+
+
+def _bad(path: Path, why: str) -> TuningRecordError:
+    profile = path.stem if path.stem in CPU_PROFILES else "<profile>"
+    return TuningRecordError(
+        f"tuning record file {path}: {why}. Fix: delete it (the default schedules are then used) or "
+        f"re-create it with `{RETUNE.format(profile=profile)}`"
+    )
+
+
+def _schedule_from(path: Path, knobs: Any) -> CpuSchedule:
+    names = {f.name for f in fields(CpuSchedule)}
+    if not isinstance(knobs, dict) or set(knobs) - names:
+        raise _bad(path, f"schedule {knobs!r} has knobs outside {sorted(names)}")
+    bad = [k for k, v in knobs.items() if type(v) is not type(getattr(CpuSchedule(), k))]
+    if bad:
+        raise _bad(path, f"schedule knobs {bad} have the wrong type in {knobs!r}")
+    return CpuSchedule(**knobs)
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """The records of one file, validated (TuningRecordError naming the file otherwise); [] if absent."""
+    if not path.exists():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _bad(path, f"not readable JSON ({err})") from err
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise _bad(path, f'not an edgeattn tuning record file (expected "format": "{FORMAT}")')
+    if doc.get("target") != path.stem:
+        raise _bad(path, f"holds records for target {doc.get('target')!r}, but its name says {path.stem!r}")
+    recs = doc.get("records")
+    if not isinstance(recs, list):
+        raise _bad(path, '"records" must be a list')
+    for i, rec in enumerate(recs):
+        need = ("op", "shape", "choice", "schedule", "cpu_model", "mcpu")
+        if not isinstance(rec, dict) or any(k not in rec for k in need):
+            raise _bad(path, f"record {i} lacks one of {need}")
+        if rec["op"] not in TUNED_OPS or rec["choice"] not in ("tuned", "default"):
+            raise _bad(path, f"record {i}: op {rec['op']!r} / choice {rec['choice']!r} unknown")
+        if not isinstance(rec["shape"], dict) or set(rec["shape"]) != set(SHAPE_FIELDS):
+            raise _bad(path, f"record {i}: shape must have exactly {SHAPE_FIELDS}")
+        _schedule_from(path, rec["schedule"])
+    return recs
+
+
+def find_records(records: list[dict[str, Any]], spec: KernelSpec) -> list[dict[str, Any]]:
+    """The records for ``spec``'s op and shape (one per CPU they were measured on)."""
+    key = shape_key(spec)
+    return [rec for rec in records if {"op": rec["op"], **rec["shape"]} == key]
+
+
+def tuned_schedule(spec: KernelSpec, target: Any, lanes: int) -> tuple[CpuSchedule | None, Path | None]:
+    """The schedule a matching record picked for ``spec`` on ``target`` (None: use the default).
+
+    ``lanes``: the target's vector width as the default schedule sees it; a record made for
+    another width does not apply.  Raises TuningRecordError for a corrupt or foreign file.
+    """
+    from edgeattn.runtime.measure import cpu_model
+
+    profile = profile_of(target)
+    if spec.op not in TUNED_OPS or profile is None:
+        return None, None
+    path = record_path(profile)
+    recs = find_records(load_records(path), spec)
+    what = f"{spec.op} {shape_key(spec)} on {profile}"
+    if not recs:
+        log.debug("%s: no tuning record in %s: default schedule", what, path)
+        return None, None
+    mcpu, model = target_mcpu(target), cpu_model()
+    # x86-host: the same knobs can be slower on another CPU, so the CPU model must match too
+    match = [r for r in recs if r["mcpu"] == mcpu and (profile != "x86-host" or r["cpu_model"] == model)]
+    if not match:
+        seen = sorted({f"{r['cpu_model']} ({r['mcpu']})" for r in recs})
+        log.debug(
+            "%s: records in %s were measured on %s, not on %s (%s): default schedule", what, path, seen, model, mcpu
+        )
+        return None, None
+    rec = match[-1]
+    if rec["choice"] == "default":
+        log.debug("%s: record in %s says the default schedule is best here", what, path)
+        return None, None
+    sch = _schedule_from(path, rec["schedule"])
+    if sch.lanes != lanes:
+        log.debug("%s: record in %s has %d lanes, target %d: default schedule", what, path, sch.lanes, lanes)
+        return None, None
+    problem = schedule_problem(spec, sch)
+    if problem:
+        raise _bad(path, f"record for {what} cannot build: {problem}")
+    log.debug("%s: tuned schedule from %s: %s", what, path, sch)
+    return sch, path
+
+
+def write_records(path: Path, profile: str, new: list[dict[str, Any]]) -> None:
+    """Merge ``new`` into the file (a record replaces the one with the same key), atomically."""
+    keep = [r for r in load_records(path) if not any(_same_key(r, n) for n in new)]
+    doc = {"format": FORMAT, "target": profile, "records": keep + new}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _same_key(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["op"], a["shape"], a["mcpu"], a["cpu_model"]) == (b["op"], b["shape"], b["mcpu"], b["cpu_model"])
+
+
+# ------------------------------------------------------------------ the search space
+
+
+def vector_registers(lanes: int, target: Any) -> int:
+    """Architectural vector registers: AVX-512 and NEON 32, AVX2/SSE 16."""
+    triple = str(target.attrs.get("mtriple", ""))
+    return 32 if lanes >= 16 or triple.startswith(("aarch64", "arm")) else 16
+
+
+def _tiles(lanes: int, nregs: int, counts: tuple[int, ...], width_max: int) -> list[tuple[int, int]]:
+    """(count, width) register tiles: count x (width/lanes) accumulators + one row of operands fit."""
+    out = []
+    for n in counts:
+        for nv in range(1, width_max + 1):
+            if n * nv + nv + 1 <= nregs:
+                out.append((n, nv * lanes))
+    return out
+
+
+def knob_groups(spec: KernelSpec, base: CpuSchedule, target: Any) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The knob groups of the coordinate descent, each a list of knob settings (dicts of changes)."""
+    vl = base.lanes
+    nregs = vector_registers(vl, target)
+    if spec.op == OP_DENSE:
+        qts = [q for q in (16, 24, 32, 48, 64) if q % vl == 0]
+    else:  # a query chunk (32 tokens by default) is one tile or two
+        qts = [q for q in (8, 16, 32) if q % vl == 0]
+    return [
+        ("qt", [{"qt": q} for q in qts]),
+        ("S tile jb x rb", [{"jb": j, "rb": r} for j, r in _tiles(vl, nregs, (2, 4, 6, 8), 4)]),
+        ("PV tile ri x db", [{"ri": i, "db": d} for i, d in _tiles(vl, nregs, (2, 3, 4, 6, 8), 4)]),
+        ("kt", [{"kt": k} for k in (16, 32, 48, 64)]),
+        ("par", [{"par": p} for p in (16, 32, 64, 128)]),
+        ("prefetch", [{"prefetch": p} for p in (True, False)]),
+        ("tails", [{"jb_tail": j, "db_tail": d} for j in (4, 8) for d in (vl, 2 * vl, 4 * vl)]),
+    ]
+
+
+def candidates(spec: KernelSpec, best: Callable[[], CpuSchedule], target: Any) -> Iterator[tuple[str, CpuSchedule]]:
+    """Coordinate descent: each group's options around the best schedule so far (read when reached)."""
+    for name, options in knob_groups(spec, best(), target):
+        for change in options:
+            sch = replace(best(), **change)
+            if schedule_problem(spec, sch) is None:
+                yield name, sch
+
+
+# ------------------------------------------------------------------ running a candidate
+
+
+@dataclass
+class Problem:
+    """Inputs for one op: a short odd-length check against the reference, and the timing inputs."""
+
+    spec: KernelSpec
+    check_args: list[Any]
+    check_ref: Any
+    time_args: list[Any]
+    out_index: int = -1
+
+
+def _selection(spec: KernelSpec, q, k, budget: int, chunk: int):
+    """(boundaries, sel, nsel) from the registry's selection kernel (tested bit-identical to the reference)."""
+    import numpy as np
+    import torch
+
+    from edgeattn import dhsa
+
+    from . import registry
+
+    length = k.shape[1]
+    bnd = dhsa.fixed_boundaries(length, chunk).to(torch.int32)
+    nc = len(bnd) - 1
+    m = registry.selection_width(bnd.numpy(), budget, spec.sinks)
+    dims = dict(heads_q=spec.heads_q, heads_kv=spec.heads_kv, head_dim=spec.head_dim)
+    sel_k = registry.get_kernel(OP_SELECT, budget=budget, sinks=spec.sinks, **dims)
+    bt = registry.empty(bnd.shape, "int32").copy_(bnd)
+    sel, nsel = registry.empty((spec.heads_kv, nc, m), "int32"), registry.empty((spec.heads_kv, nc), "int32")
+    sel_k(q, k, bt, sel, nsel)
+    if (nsel.numpy() < 0).any():  # pragma: no cover - max_selected guarantees the width
+        raise RuntimeError("selection overflowed its width")
+    return [bt, sel, nsel], np.asarray(bnd)
+
+
+def make_problem(spec: KernelSpec, length: int, check_length: int = 333, seed: int = 0) -> Problem:
+    """Random q/k/v (seeded); the reference output at ``check_length``; timing inputs at ``length``."""
+    import torch
+
+    from edgeattn import dhsa
+    from edgeattn.config import AttentionConfig
+
+    from . import registry
+
+    gen = torch.Generator().manual_seed(seed)
+    tdt = getattr(torch, spec.dtype)
+
+    def qkv(n):
+        shapes = [(spec.heads_q, n, spec.head_dim)] + [(spec.heads_kv, n, spec.head_dim)] * 2
+        return [torch.randn(s, generator=gen).to(tdt) for s in shapes]
+
+    def args_for(n, budget):
+        q, k, v = qkv(n)
+        out = registry.empty((spec.heads_q, n, spec.head_dim), spec.dtype)
+        if spec.op == OP_DENSE:
+            return [q, k, v, out], None
+        sel_args, bnd = _selection(spec, q, k, budget, CHUNK)
+        return [q, k, v, *sel_args, out], bnd
+
+    # the check keeps few chunks (budget 3 chunks + sinks) so that the sparse paths really run
+    check_budget = 3 * CHUNK + spec.sinks
+    check_args, bnd = args_for(check_length, check_budget)
+    q, k, v = (x[None].double() for x in check_args[:3])
+    attrs = dict(scaling=spec.scaling, softcap=spec.softcap, window=spec.window)
+    if spec.op == OP_DENSE:
+        ref = dhsa.attention(q, k, v, AttentionConfig(kind="dense"), **attrs)[0]
+    else:
+        cfg = AttentionConfig(kind="dhsa", budget=check_budget, chunk_size=CHUNK, sinks=spec.sinks)
+        ref = dhsa.attention(q, k, v, cfg, boundaries=torch.from_numpy(bnd), **attrs)[0]
+    time_args, _ = args_for(length, BUDGET)
+    return Problem(spec=spec, check_args=check_args, check_ref=ref, time_args=time_args)
+
+
+class Runner:
+    """Compiles a schedule and runs it here, or on a TVM RPC server (``rpc="host:port"``)."""
+
+    def __init__(self, target: Any, rpc: str | None = None, fcompile: Any = None) -> None:
+        import tvm
+
+        self.target, self.rpc, self.fcompile = target, rpc, fcompile
+        if rpc:
+            from tvm import rpc as tvm_rpc
+
+            host, _, port = rpc.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--rpc wants HOST:PORT of a running `python -m tvm.exec.rpc_server`, got {rpc!r}")
+            self.session = tvm_rpc.connect(host, int(port))
+            self.dev = self.session.cpu(0)
+        else:
+            self.session, self.dev = None, tvm.cpu(0)
+
+    def load(self, spec: KernelSpec, sch: CpuSchedule) -> Any:
+        from tvm.support import utils
+
+        from . import cpu, registry
+
+        lib = registry.compile_module(cpu.build(spec, self.target, sch), self.target)
+        if self.session is None:
+            return lib.mod  # the runtime Module (time_evaluator lives there)
+        tmp = utils.tempdir()
+        path = tmp.relpath("candidate.so")
+        lib.export_library(path, fcompile=self.fcompile)
+        self.session.upload(path)
+        return self.session.load_module("candidate.so")
+
+    def tensors(self, args: list[Any]) -> list[Any]:
+        import numpy as np
+        import tvm
+
+        from . import registry
+
+        if self.session is None:
+            return [registry.as_tvm(a) for a in args]
+        return [tvm.runtime.tensor(np.asarray(a.numpy() if hasattr(a, "numpy") else a), self.dev) for a in args]
+
+    def check(self, lib: Any, spec: KernelSpec, problem: Problem, tol: float) -> float:
+        """Max relative error of the candidate's output against the reference (NaN-poisoned output first)."""
+        import numpy as np
+
+        args = list(problem.check_args)
+        args[-1] = args[-1].fill_(float("nan"))
+        tv = self.tensors(args)
+        lib[SYMBOL[spec.op]](*tv)
+        out = tv[-1].numpy().astype(np.float64)
+        ref = problem.check_ref.numpy()
+        err = float(np.abs(out - ref).max() / np.abs(ref).max())
+        return err if np.isfinite(err) else float("inf")
+
+    def time(self, lib: Any, spec: KernelSpec, args: list[Any], repeats: int) -> float:
+        """Median of ``repeats`` timed calls after one untimed warm-up (time_evaluator)."""
+        fn = lib[SYMBOL[spec.op]]
+        fn(*args)
+        timer = lib.time_evaluator(SYMBOL[spec.op], self.dev, number=1, repeat=repeats)
+        return float(statistics.median(timer(*args).results))
+
+
+# ------------------------------------------------------------------ the tuner
+
+
+@dataclass
+class Trial:
+    group: str
+    schedule: CpuSchedule
+    status: str  # "ok" | "wrong" | "failed"
+    time_s: float | None = None
+    rel_err: float | None = None
+    error: str = ""
+
+
+@dataclass
+class TuneResult:
+    record: dict[str, Any]
+    trials: list[Trial] = field(default_factory=list)
+
+
+def tune_op(
+    spec: KernelSpec,
+    target: Any,
+    *,
+    length: int,
+    trials: int,
+    repeats: int = 3,
+    runner: Runner | None = None,
+    tol: float | None = None,
+    progress: Callable[[str], None] = print,
+    device: dict[str, Any] | None = None,
+) -> TuneResult:
+    """Search the schedule of ``spec`` on ``target``; return the record (tuned or "default is best")."""
+    import tvm
+
+    from . import cpu
+
+    runner = runner or Runner(target)
+    tol = tol if tol is not None else (1e-4 if spec.dtype == "float32" else 2e-3)
+    libs: dict[CpuSchedule, Any] = {}  # the default's and the best's compiled modules
+    default = cpu.default_schedule(spec, target)
+    problem = make_problem(spec, length)
+    targs = runner.tensors(problem.time_args)
+    tried: list[Trial] = []
+    seen: set[CpuSchedule] = set()
+    best: list[tuple[float, CpuSchedule, Any]] = []  # [(time, schedule, lib)]
+
+    def evaluate(group: str, sch: CpuSchedule) -> Trial:
+        seen.add(sch)
+        try:
+            lib = runner.load(spec, sch)
+            err = runner.check(lib, spec, problem, tol)
+        except Exception as exc:  # a knob combination TVM or LLVM rejects: skip it, say so
+            trial = Trial(group, sch, "failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        else:
+            if err > tol:
+                trial = Trial(group, sch, "wrong", rel_err=err)
+            else:
+                t = runner.time(lib, spec, targs, repeats)
+                trial = Trial(group, sch, "ok", time_s=t, rel_err=err)
+                if sch == default:
+                    libs[sch] = lib
+                if not best or t < best[0][0]:
+                    best[:] = [(t, sch, lib)]
+        tried.append(trial)
+        return trial
+
+    name = f"{spec.op} Hq={spec.heads_q} Hkv={spec.heads_kv} D={spec.head_dim} {spec.dtype} L={length}"
+    progress(f"{name}: default {_knobs_text(default)}")
+    first = evaluate("default", default)
+    if first.status != "ok":
+        raise RuntimeError(f"the default schedule failed its check ({first.status} {first.error or first.rel_err})")
+    d1 = first.time_s
+    progress(f"  default: {1e3 * d1:.4g} ms")
+    n = 0
+    improved = True
+    while improved and n < trials:
+        improved = False
+        before = best[0][0]
+        for group, sch in candidates(spec, lambda: best[0][1], target):
+            if n >= trials:
+                break
+            if sch in seen:
+                continue
+            n += 1
+            t = evaluate(group, sch)
+            shown = (
+                f"{1e3 * t.time_s:.4g} ms"
+                if t.status == "ok"
+                else f"{t.status} {t.error or f'rel err {t.rel_err:.1e}'}"
+            )
+            progress(f"  [{n}/{trials}] {group}: {_knobs_text(sch)} -> {shown} (best {1e3 * best[0][0]:.4g} ms)")
+        improved = best[0][0] < before
+    # re-time the winner next to the default: the same moment, fresh measurements
+    best_s, best_sch, best_lib = best[0]
+    d2 = runner.time(libs[default], spec, targs, repeats)
+    b2 = runner.time(best_lib, spec, targs, repeats) if best_sch != default else d2
+    noise = abs(d1 - d2) / min(d1, d2)
+    gain = min(d1, d2) / b2 - 1
+    choice = "tuned" if best_sch != default and gain > noise else "default"
+    progress(
+        f"  default {1e3 * d1:.4g} / {1e3 * d2:.4g} ms (noise {100 * noise:.1f} %), best {1e3 * b2:.4g} ms "
+        f"(gain {100 * gain:+.1f} %): keep {choice}"
+    )
+    from edgeattn.runtime.measure import cpu_model
+
+    dev = device or {"cpu_model": cpu_model(), "threads": _threads()}
+    record = {
+        **{"op": spec.op, "shape": {f: getattr(spec, f) for f in SHAPE_FIELDS}},
+        "choice": choice,
+        "schedule": asdict(best_sch if choice == "tuned" else default),
+        "default_schedule": asdict(default),
+        "best_candidate": asdict(best_sch),
+        "time_s": {"default": [d1, d2], "best_in_search": best_s, "best_retimed": b2},
+        "gain": gain,
+        "noise": noise,
+        "length": length,
+        "repeats": repeats,
+        "candidates": n,
+        "rejected_wrong": sum(t.status == "wrong" for t in tried),
+        "failed": sum(t.status == "failed" for t in tried),
+        **dev,
+        "mcpu": target_mcpu(target),
+        "tvm_version": tvm.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    return TuneResult(record=record, trials=tried)
+
+
+def _knobs_text(s: CpuSchedule) -> str:
+    return (
+        f"qt={s.qt} kt={s.kt} S {s.jb}x{s.rb} PV {s.ri}x{s.db} par={s.par} pf={int(s.prefetch)} "
+        f"tails {s.jb_tail}/{s.db_tail}"
+    )
+
+
+def _threads() -> int:
+    import tvm
+
+    fn = tvm.get_global_func("runtime.NumThreads", allow_missing=True)
+    return int(fn()) if fn is not None else int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+
+
+# ------------------------------------------------------------------ command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m edgeattn.kernels_tvm.tune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", required=True, choices=CPU_PROFILES, help="CPU target profile the records are for")
+    p.add_argument("--op", default="all", choices=("dense", "sparse", "all"), help="which attention kernel")
+    p.add_argument("--length", type=int, default=8192, help="sequence length the candidates are timed at")
+    p.add_argument("--trials", type=int, default=30, help="most candidates measured per op (besides the default)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per candidate (the median counts)")
+    p.add_argument("--threads", type=int, default=2, help="TVM threads for a local run (TVM_NUM_THREADS)")
+    p.add_argument("--heads-q", type=int, default=4, help="query heads (default: Gemma 3 270M's global layer)")
+    p.add_argument("--heads-kv", type=int, default=1)
+    p.add_argument("--head-dim", type=int, default=256)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--rpc", metavar="HOST:PORT", help="time on a device running `python -m tvm.exec.rpc_server`")
+    p.add_argument("--device-name", help="CPU model to record for an --rpc device (default: 'rpc HOST:PORT')")
+    p.add_argument("--out", metavar="PATH", help="record file (default: kernels_tvm/tuning/<target>.json)")
+    p.add_argument("--dry-run", action="store_true", help="tune and print, write nothing")
+    args = p.parse_args(argv)
+    if args.length < 64 or args.trials < 0 or args.repeats < 1:
+        p.error("need --length >= 64, --trials >= 0, --repeats >= 1")
+    if args.target != "x86-host" and not args.rpc:
+        p.error(
+            f"{args.target} records must be measured on the device itself (timings here or under the qemu "
+            "emulator mean nothing): start `python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090` on it "
+            "and pass --rpc HOST:9090"
+        )
+    if args.target == "x86-host" and args.rpc:
+        p.error("x86-host is this machine's CPU: tune it locally, without --rpc")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+
+    from edgeattn.runtime.measure import cpu_model
+
+    from . import registry
+    from .targets import get_profile
+
+    profile = get_profile(args.target)
+    target = registry.host_target() if args.target == "x86-host" else profile.target()
+    out = Path(args.out) if args.out else record_path(args.target)
+    if out.exists():
+        load_records(out)  # a corrupt file stops us before minutes of tuning, not after
+    if args.rpc:
+        device = {"cpu_model": args.device_name or f"rpc {args.rpc}", "threads": None}
+    else:
+        device = {"cpu_model": cpu_model(), "threads": args.threads}
+    runner = Runner(target, rpc=args.rpc, fcompile=profile.fcompile() if args.rpc else None)
+    print(f"tuning for {args.target} ({target}) on {device['cpu_model']}, threads {device['threads']}", flush=True)
+    ops = TUNED_OPS if args.op == "all" else (OP_NAMES[args.op],)
+    records = []
+    for op in ops:
+        spec = KernelSpec(
+            op=op, heads_q=args.heads_q, heads_kv=args.heads_kv, head_dim=args.head_dim, dtype=args.dtype, sinks=SINKS
+        )
+        t0 = time.perf_counter()
+        res = tune_op(
+            spec,
+            target,
+            length=args.length,
+            trials=args.trials,
+            repeats=args.repeats,
+            runner=runner,
+            progress=lambda s: print(s, flush=True),
+            device=device,
+        )
+        res.record["command"] = " ".join(["python -m edgeattn.kernels_tvm.tune", *(argv or sys.argv[1:])])
+        res.record["tuning_s"] = round(time.perf_counter() - t0, 1)
+        records.append(res.record)
+    if args.dry_run:
+        print(json.dumps(records, indent=1))
+        return 0
+    write_records(out, args.target, records)
+    print(f"wrote {len(records)} record(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
