@@ -8,6 +8,8 @@ FLOPs: dense counts 2·2·D·L²/2 per query head (causal); DHSA counts the scor
 (kept key tokens per query, from the selection the kernel made) × 2·2·D.  The DHSA time is
 selection (pooling + chunk scores + budgeted selection) + sparse attention; both are shown.
 "peak extra MiB" is the growth of the process RSS during the call (inputs/outputs excluded).
+"schedule" says whether a TVM kernel ran with a tuned schedule from kernels_tvm/tuning/x86-host.json
+(applied only when it was measured on this CPU model; see kernels_tvm/tune.py) or the default.
 "CPU util" = process CPU time / (wall time x threads): well below 1 means the machine was busy
 with other work (or threads idled) and the wall times are pessimistic; "GFLOP/cpu-s" and
 "x SDPA cpu-s" are the same figures per CPU second consumed, which other load disturbs far less.
@@ -235,6 +237,9 @@ class Bench:
                 total_sequence_length=np.array(length, np.int32),
             )
             measure("ort-gqa", lambda: self.ort.run(["output"], feed), dense_flops(length))
+        for impl, kern in (("tvm-dhsa", self.sparse_k), ("tvm-dense", self.dense_k)):
+            if impl in rows:
+                rows[impl]["schedule"] = kern.schedule_source.split(" ")[0]
         if "tvm-dhsa" in rows and len(rows) > 1:
             # DHSA again after the (long) baselines: both halves see the same machine load
             rec = rows["tvm-dhsa"]
@@ -277,6 +282,7 @@ def main(argv=None) -> int:
         )
     )
     print(f"TVM target: {bench.target} (kernels compiled in {bench.compile_s:.1f}s, once for every length)")
+    print(f"TVM schedules: dense {bench.dense_k.schedule_source}, DHSA {bench.sparse_k.schedule_source}")
     bench.warm_up()
     records: list[dict] = []
     gen = torch.Generator().manual_seed(args.seed)
@@ -299,6 +305,7 @@ def main(argv=None) -> int:
             )
     if args.json:
         meta = dict(threads=threads, target=str(bench.target), lengths=lengths, budget=args.budget)
+        meta["schedules"] = {"tvm-dense": bench.dense_k.schedule_source, "tvm-dhsa": bench.sparse_k.schedule_source}
         C.write_json(args.json, records, meta=dict(meta, compile_s=bench.compile_s, argv=sys.argv[1:]))
         print(f"wrote {args.json}")
     return 0
@@ -316,6 +323,7 @@ COLUMNS = [
     ("cpu_util", "CPU util"),
     ("peak_extra_mib", "peak extra MiB"),
     ("rel_err", "rel err"),
+    ("schedule", "schedule"),
 ]
 
 if __name__ == "__main__":
