@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeattn import patching
-from edgeattn.chunking import _moving_mean, boundaries_from_scores, key_features
+from edgeattn.chunking import ShiftBoundaries, _moving_mean, boundaries_from_scores, key_features
 from edgeattn.config import AttentionConfig, ConfigError
 from edgeattn.predictor import BoundaryPredictor, PredictorConfig
 
@@ -199,31 +199,43 @@ def best_threshold(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> tu
     return best
 
 
-def chunk_count_threshold(
-    logits: list[torch.Tensor], labels: list[torch.Tensor], min_chunk: int, max_chunk: int
-) -> tuple[float, float]:
-    """The logit threshold whose chunks are as many as the labels' on (validation) data: (threshold, f1 there).
+def count_chunks(scores: list[torch.Tensor], threshold: float, min_chunk: int, max_chunk: int) -> int:
+    """Chunks that :func:`boundaries_from_scores` cuts in all of ``scores`` at ``threshold``."""
+    return sum(len(boundaries_from_scores(z, threshold, min_chunk, max_chunk)) - 1 for z in scores)
 
-    Both partitions come from :func:`edgeattn.chunking.boundaries_from_scores`
-    with the same length bounds, so the predictor cuts chunks as fine as the
-    shift labels it imitates.  (Matching the raw rate of positions instead
-    would cut fewer chunks: the logits stay high for a few positions around a
-    boundary, while the labels are single local maxima.)
+
+def threshold_for_chunks(logits: list[torch.Tensor], target: int, min_chunk: int, max_chunk: int) -> float:
+    """The logit threshold at which the predictor cuts ``target`` chunks in ``logits`` (bisection).
+
+    Matching the chunk count, not the rate of positions above the threshold:
+    the logits stay high for a few positions around a boundary, so a rate
+    match would cut far fewer chunks than intended.
     """
-
-    def chunks(thr: float) -> int:
-        return sum(len(boundaries_from_scores(z, thr, min_chunk, max_chunk)) - 1 for z in logits)
-
-    target = sum(len(boundaries_from_scores(y.float(), 0.5, min_chunk, max_chunk)) - 1 for y in labels)
     allz = torch.cat(logits)
-    lo, hi = float(allz.min()) - 1.0, float(allz.max())  # chunks(lo) is the most, chunks(hi) the fewest
-    for _ in range(40):  # bisection: the chunk count falls as the threshold rises
+    lo, hi = float(allz.min()) - 1.0, float(allz.max())  # the most chunks at lo, the fewest at hi
+    for _ in range(40):  # the chunk count falls as the threshold rises
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if chunks(mid) > target else (lo, mid)
-    return hi, f1_score(allz > hi, torch.cat(labels))["f1"]
+        lo, hi = (mid, hi) if count_chunks(logits, mid, min_chunk, max_chunk) > target else (lo, mid)
+    return hi
 
 
-THRESHOLD_RULES = ("chunks", "f1")
+THRESHOLD_RULES = ("shift", "labels", "f1")
+
+
+def pick_threshold(
+    rule: str, logits: list[torch.Tensor], samples: list[Sample], min_chunk: int, max_chunk: int
+) -> tuple[float, float]:
+    """Decision threshold on validation data by ``rule``: (threshold, F1 there).  See :func:`train`."""
+    labels = [s.labels for s in samples]
+    if rule == "f1":
+        return best_threshold(logits, labels)
+    if rule == "labels":
+        target = count_chunks([y.float() for y in labels], 0.5, min_chunk, max_chunk)
+    else:  # the training-free rule on the same keys (features are unit keys per head: same cosines)
+        shift = ShiftBoundaries(min_chunk=min_chunk, max_chunk=max_chunk)
+        target = sum(len(shift(s.feats[None, None])) - 1 for s in samples)
+    thr = threshold_for_chunks(logits, target, min_chunk, max_chunk)
+    return thr, f1_score(torch.cat(logits) > thr, torch.cat(labels))["f1"]
 
 
 def train(
@@ -234,7 +246,7 @@ def train(
     seed: int = 0,
     split: tuple[float, float] = (0.7, 0.15),
     progress: Callable[[str], None] = _log,
-    threshold_rule: str = "chunks",
+    threshold_rule: str = "shift",
     chunk_bounds: tuple[int, int] = (AttentionConfig.min_chunk, AttentionConfig.max_chunk),
 ) -> TrainResult:
     """Fit a predictor on ``data`` (per sequence, per layer samples); split by *sequence*.
@@ -242,11 +254,14 @@ def train(
     Deterministic for a given seed (torch and Python RNGs are seeded here; run
     with the same thread count for bit-identical weights).
 
-    ``threshold_rule`` picks the decision threshold on the validation split:
-    ``chunks`` cuts as many chunks (within ``chunk_bounds``) as the labels do,
-    so the predictor's chunks are as fine as the shift labels it imitates;
-    ``f1`` takes the F1-optimal threshold, which cuts fewer, longer chunks
-    (and keeps less attention mass at a given budget: see CHUNKING.md).
+    ``threshold_rule`` picks the decision threshold on the validation split.
+    How fine the chunks are decides most of the attention mass DHSA keeps at
+    a budget (CHUNKING.md), so the default fixes the granularity and lets the
+    network decide where the cuts go: ``shift`` cuts as many chunks (lengths
+    in ``chunk_bounds``) as the training-free shift rule does on the same
+    keys, so the two adaptive sources compare at equal granularity and equal
+    selection cost; ``labels`` as many as the labels give; ``f1`` takes the
+    F1-optimal threshold (fewer, longer chunks on this data).
     """
     if threshold_rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
@@ -290,10 +305,7 @@ def train(
                 f"({time.perf_counter() - t0:.0f} s)"
             )
     vl = _logits(net, val_set)
-    if threshold_rule == "chunks":
-        thr, val_f1 = chunk_count_threshold(vl, [s.labels for s in val_set], *chunk_bounds)
-    else:
-        thr, val_f1 = best_threshold(vl, [s.labels for s in val_set])
+    thr, val_f1 = pick_threshold(threshold_rule, vl, val_set, *chunk_bounds)
     tl = _logits(net, test_set)
     pred = torch.cat([z > thr for z in tl])
     gold = torch.cat([s.labels for s in test_set])
@@ -334,7 +346,7 @@ def calibrate(
     window: int = 8,
     hidden: int = 64,
     loaded: Any = None,
-    threshold_rule: str = "chunks",
+    threshold_rule: str = "shift",
 ) -> tuple[Path, dict[str, Any]]:
     """Train and save a predictor; returns (path, card).  The function behind the CLI verb.
 
@@ -400,8 +412,10 @@ def calibrate(
         "split": "by sequence, 70% train / 15% validation (threshold) / 15% test (F1)",
         "threshold": result.threshold,
         "threshold_rule": {
-            "chunks": "as many chunks on validation as the labels give, lengths in "
-            f"[{AttentionConfig.min_chunk}, {AttentionConfig.max_chunk}] (chunks as fine as the labels)",
+            "shift": "as many chunks on validation as the training-free shift rule cuts, lengths in "
+            f"[{AttentionConfig.min_chunk}, {AttentionConfig.max_chunk}]",
+            "labels": "as many chunks on validation as the labels give, lengths in "
+            f"[{AttentionConfig.min_chunk}, {AttentionConfig.max_chunk}]",
             "f1": "the F1-optimal threshold on validation",
         }[threshold_rule],
         "f1": {
@@ -429,7 +443,7 @@ def _command_line(model: str | None, out: Path | None, text_path: Path | None, *
     parts = ["edgeattn calibrate"] + ([model] if model else [])
     if threads:
         parts.append(f"--threads {threads}")
-    if rule != "chunks":
+    if rule != "shift":
         parts.append(f"--threshold {rule}")
     if text_path is not None:
         parts.append(f"--text {text_path}")
@@ -470,12 +484,13 @@ def calibrate_command(
     threshold_rule: Annotated[
         str,
         _opt(
-            "How the decision threshold is picked on the validation split: 'chunks' cuts as many chunks "
-            "as the labels do (chunks as fine as the shift labels; keeps more attention mass), 'f1' takes "
-            "the F1-optimal threshold (fewer, longer chunks).",
+            "How the decision threshold is picked on the validation split. 'shift': cut as many chunks as "
+            "the training-free shift rule (same granularity and selection cost, the network decides where); "
+            "'labels': as many as the labels give; 'f1': the F1-optimal threshold (fewer, longer chunks, "
+            "less attention mass kept at a budget).",
             "--threshold",
         ),
-    ] = "chunks",
+    ] = "shift",
 ) -> None:
     """Train the adaptive-chunking boundary predictor for MODEL on real text (CPU, a few minutes).
 

@@ -133,7 +133,7 @@ def test_training_learns_planted_boundaries() -> None:
     assert result.net.config.threshold == result.threshold
 
 
-def test_chunk_count_threshold_cuts_as_many_chunks_as_the_labels() -> None:
+def test_threshold_for_chunks_hits_the_target_count() -> None:
     gen = torch.Generator().manual_seed(0)
     labels = [torch.rand(600, generator=gen) < 0.07 for _ in range(3)]
     # noisy logits that stay high for 3 positions after each label (like a smooth predictor)
@@ -143,26 +143,33 @@ def test_chunk_count_threshold_cuts_as_many_chunks_as_the_labels() -> None:
         for shift in range(3):
             z = z + 4.0 * torch.roll(y.float(), shift)
         logits.append(z)
-    thr, _ = calibrate.chunk_count_threshold(logits, labels, 8, 64)
-
-    def count(scores: list[torch.Tensor], t: float) -> int:
-        return sum(len(chunking.boundaries_from_scores(x, t, 8, 64)) - 1 for x in scores)
-
-    target = count([y.float() for y in labels], 0.5)
-    assert abs(count(logits, thr) - target) <= 2
+    target = calibrate.count_chunks([y.float() for y in labels], 0.5, 8, 64)
+    thr = calibrate.threshold_for_chunks(logits, target, 8, 64)
+    assert abs(calibrate.count_chunks(logits, thr, 8, 64) - target) <= 2
 
 
-def test_threshold_rules_chunks_and_f1() -> None:
+def test_shift_rule_threshold_matches_the_shift_rules_chunk_count() -> None:
+    data = _planted_data(3, 200)
+    samples = [s for seq in data for s in seq]
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(200, generator=gen) for _ in samples]
+    thr, _ = calibrate.pick_threshold("shift", logits, samples, 8, 64)
+    shift = chunking.ShiftBoundaries(min_chunk=8, max_chunk=64)
+    target = sum(len(shift(s.feats[None, None])) - 1 for s in samples)
+    assert abs(calibrate.count_chunks(logits, thr, 8, 64) - target) <= 1
+
+
+def test_threshold_rules_share_the_weights() -> None:
     cfg = PredictorConfig(in_dim=32, hidden=8, window=4, mlp=8)
     data = _planted_data(4, 120)
     quiet = {"epochs": 3, "seed": 1, "progress": lambda _m: None}
-    by_rate = calibrate.train(data, cfg, threshold_rule="chunks", **quiet)
+    by_labels = calibrate.train(data, cfg, threshold_rule="labels", **quiet)
     by_f1 = calibrate.train(data, cfg, threshold_rule="f1", **quiet)
     # same weights (same seed), only the threshold differs
-    for x, y in zip(by_rate.net.state_dict().values(), by_f1.net.state_dict().values(), strict=True):
+    for x, y in zip(by_labels.net.state_dict().values(), by_f1.net.state_dict().values(), strict=True):
         assert torch.equal(x, y)
-    assert by_rate.net.config.threshold == by_rate.threshold
-    assert by_f1.val_f1 >= by_rate.val_f1  # f1 is the F1-optimal choice on validation
+    assert by_labels.net.config.threshold == by_labels.threshold
+    assert by_f1.val_f1 >= by_labels.val_f1  # f1 is the F1-optimal choice on validation
     with pytest.raises(ValueError, match="threshold rule"):
         calibrate.train(data, cfg, threshold_rule="best", **quiet)
 
