@@ -32,39 +32,11 @@ import torch.nn.functional as F
 
 from edgeattn import calibrate, chunking, dhsa, models, text
 from edgeattn.config import AttentionConfig
+from edgeattn.coverage import SCORINGS, kept_mass
 from edgeattn.runtime.measure import cpu_model
 
 # The calibration data are the first 16 x 1023 tokens of the pydoc text; start well after them.
 PYDOC_OFFSET = 50_000
-
-
-SCORINGS = {
-    "dhsa": {"normalize": True, "center": True},  # what every backend computes
-    "uncentred": {"normalize": True, "center": False},  # diagnostic: sqrt(len) pooling of raw keys
-    "plain-mean": {"normalize": False, "center": False},  # diagnostic: block-sparse pooling
-}
-
-
-def kept_mass(
-    q: torch.Tensor, k: torch.Tensor, scaling: float, cfg: AttentionConfig, b: torch.Tensor, scoring: str = "dhsa"
-) -> float:
-    """Mean over queries and query heads of the dense softmax mass on the keys DHSA keeps.
-
-    ``scoring`` other than ``dhsa`` scores the chunks another way (diagnostics:
-    without the centring term, or with plain mean pooling), see ``SCORINGS``.
-    """
-    length = k.shape[2]
-    qb = dhsa.query_boundaries(b, length, length)
-    keep = dhsa.select_chunks(dhsa.chunk_scores(q, k, qb, b, **SCORINGS[scoring]), b, cfg.budget, cfg.sinks)
-    mask = dhsa.kept_token_mask(keep, b, length, cfg.sinks)[0]  # [Hkv, L, L]
-    causal = dhsa.causal_mask(length, length, None)
-    hq, hkv = q.shape[1], k.shape[1]
-    total = 0.0
-    for h in range(hq):
-        kv = h // (hq // hkv)
-        p = torch.softmax(((q[0, h] @ k[0, kv].T) * scaling).masked_fill(~causal, float("-inf")), dim=-1)
-        total += float((p * mask[kv]).sum(-1).mean())
-    return total / hq
 
 
 def _median_time(fn: Any, reps: int) -> float:

@@ -152,3 +152,31 @@ def test_patched_tiny_model_runs_with_shift_chunking() -> None:
         patching.unpatch(model)
     assert seen and all(n >= 80 // 16 for n in seen)
     assert torch.allclose(dense, sparse, atol=1e-4)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("length,budget", [(1024, 256), (2048, 512)])
+def test_adaptive_chunks_keep_more_attention_than_fixed_on_real_text(real_model, length: int, budget: int) -> None:
+    """At the same budget, shift and predictor chunks keep more dense attention mass than fixed 32-token chunks.
+
+    Real keys and queries of the default model's global layers on pydoc prose the
+    predictor never saw in calibration (benchmarks/chunking.py measures the same
+    at more lengths and budgets, with controls).
+    """
+    from edgeattn import calibrate, models, text
+    from edgeattn.coverage import kept_mass
+
+    tok = real_model.tokenizer
+    body = tok(text.pydoc_text(), add_special_tokens=False).input_ids
+    ids = [tok.bos_token_id] + body[50_000 : 50_000 + length - 1]
+    layers = models.global_layers(real_model.config)
+    store = calibrate.capture(real_model.model, ids, layers, with_queries=True)
+    cfg = AttentionConfig(kind="dhsa", budget=budget, chunk_size=32)
+    sources = {name: chunking.boundary_fn_for(cfg.with_(chunking=name), real_model) for name in ("shift", "predictor")}
+    mass = {name: 0.0 for name in ["fixed", *sources]}
+    for layer in layers:
+        q, k, scaling = store[layer]["q"], store[layer]["k"], store[layer]["scaling"]
+        mass["fixed"] += kept_mass(q, k, scaling, cfg, dhsa.fixed_boundaries(length, 32)) / len(layers)
+        for name, fn in sources.items():
+            mass[name] += kept_mass(q, k, scaling, cfg, fn(k, None)) / len(layers)
+    assert mass["shift"] > mass["fixed"] and mass["predictor"] > mass["fixed"], mass
