@@ -353,17 +353,28 @@ def make_problem(spec: KernelSpec, length: int, check_length: int = 333, seed: i
 class Runner:
     """Compiles a schedule and runs it here, or on a TVM RPC server (``rpc="host:port"``)."""
 
-    def __init__(self, target: Any, rpc: str | None = None, fcompile: Any = None) -> None:
+    def __init__(self, target: Any, rpc: str | None = None, fcompile: Any = None, session: Any = None) -> None:
+        """``rpc="host:port"`` connects to a server; ``session`` reuses an open ``tvm.rpc`` session instead."""
         import tvm
 
         self.target, self.rpc, self.fcompile = target, rpc, fcompile
-        if rpc:
+        self._uploads = 0
+        if session is not None:
+            self.session, self.dev = session, session.cpu(0)
+        elif rpc:
             from tvm import rpc as tvm_rpc
 
             host, _, port = rpc.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"--rpc wants HOST:PORT of a running `python -m tvm.exec.rpc_server`, got {rpc!r}")
-            self.session = tvm_rpc.connect(host, int(port))
+            try:
+                self.session = tvm_rpc.connect(host, int(port))
+            except Exception as exc:  # TVMError: connection refused, wrong protocol, ...
+                raise ConnectionError(
+                    f"no TVM RPC server answers at {rpc}: start `python -m tvm.exec.rpc_server --host 0.0.0.0 "
+                    f"--port {port}` on the device (a server started with --no-fork serves one session at a time, "
+                    f"so close other clients) [{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]"
+                ) from exc
             self.dev = self.session.cpu(0)
         else:
             self.session, self.dev = None, tvm.cpu(0)
@@ -376,11 +387,15 @@ class Runner:
         lib = registry.compile_module(cpu.build(spec, self.target, sch), self.target)
         if self.session is None:
             return lib.mod  # the runtime Module (time_evaluator lives there)
+        # a fresh file name per candidate: re-uploading over a library the server has already
+        # loaded (dlopen keeps it mapped) crashes the server's session process
+        self._uploads += 1
+        name = f"edgeattn_candidate_{os.getpid()}_{self._uploads}.so"
         tmp = utils.tempdir()
-        path = tmp.relpath("candidate.so")
+        path = tmp.relpath(name)
         lib.export_library(path, fcompile=self.fcompile)
         self.session.upload(path)
-        return self.session.load_module("candidate.so")
+        return self.session.load_module(name)
 
     def tensors(self, args: list[Any]) -> list[Any]:
         import numpy as np
@@ -589,13 +604,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.target == "x86-host" and args.rpc:
         p.error("x86-host is this machine's CPU: tune it locally, without --rpc")
-    if args.rpc:
-        print(
-            "warning: the --rpc path is not verified yet: a loopback check against a local "
-            "`python -m tvm.exec.rpc_server` crashed the server's session process (SIGSEGV) before timing; "
-            "see kernels_tvm/KERNELS.md, Tuning",
-            file=sys.stderr,
-        )
     return args
 
 
@@ -617,7 +625,11 @@ def main(argv: list[str] | None = None) -> int:
         device = {"cpu_model": args.device_name or f"rpc {args.rpc}", "threads": None}
     else:
         device = {"cpu_model": cpu_model(), "threads": args.threads}
-    runner = Runner(target, rpc=args.rpc, fcompile=profile.fcompile() if args.rpc else None)
+    try:
+        runner = Runner(target, rpc=args.rpc, fcompile=profile.fcompile() if args.rpc else None)
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"tuning for {args.target} ({target}) on {device['cpu_model']}, threads {device['threads']}", flush=True)
     ops = TUNED_OPS if args.op == "all" else (OP_NAMES[args.op],)
     records = []

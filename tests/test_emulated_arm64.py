@@ -110,3 +110,26 @@ def test_dhsa_fp16_kernels_on_aarch64(device: emu.EmulatedArm64Device) -> None:
     out = _run(device, "arm-a78ae", case, OP_SPARSE)[-1]
     assert out.dtype == np.float16 and rel_err(out, case.ref_sparse) <= 1e-3
     assert rel_err(_run(device, "arm-a78ae", case, OP_DENSE)[-1], case.ref_dense) <= 1e-3
+
+
+def test_tuner_checks_and_times_candidates_on_the_device(device: emu.EmulatedArm64Device) -> None:
+    """The re-tune command's RPC path: each candidate is checked against the reference and timed on the device."""
+    from edgeattn.kernels_tvm import tune
+    from edgeattn.kernels_tvm.abi import OP_DENSE, KernelSpec
+
+    profile = get_profile("arm64")
+    runner = tune.Runner(profile.target(), fcompile=profile.fcompile(), session=device.session)
+    spec = KernelSpec(op=OP_DENSE, heads_q=4, heads_kv=1, head_dim=64, sinks=tune.SINKS)
+    result = tune.tune_op(
+        spec,
+        profile.target(),
+        length=96,
+        trials=1,
+        repeats=1,
+        runner=runner,
+        progress=lambda _m: None,
+        device={"cpu_model": "emulated aarch64", "threads": None},
+    )
+    record = result.record
+    assert record["candidates"] == 1 and record["failed"] == 0 and record["rejected_wrong"] == 0
+    assert record["choice"] in ("default", "tuned") and record["time_s"]["default"][0] > 0

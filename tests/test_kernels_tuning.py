@@ -188,3 +188,14 @@ def test_profile_of_targets_and_arm_needs_the_device(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         tune.parse_args(["--target", "arm-a76"])
     assert info.value.code == 2 and "--rpc" in capsys.readouterr().err
+
+
+def test_device_that_does_not_answer_is_a_clear_error(capsys) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = tune.main(["--target", "arm64", "--rpc", f"127.0.0.1:{port}", "--length", "64", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"no TVM RPC server answers at 127.0.0.1:{port}" in err and "rpc_server" in err
