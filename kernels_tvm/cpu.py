@@ -28,7 +28,7 @@ from tvm.target import codegen
 
 from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
 from .select import build_chunk_select
-from .tirmath import fexp, softcapped
+from .tirmath import fexp, fexp_nonpos, softcapped
 
 
 @dataclass(frozen=True)
@@ -183,22 +183,32 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                         S[jbo * jbx + jj, rbo * rb + rv * vl + rr] = acc[jj, rv * vl + rr]
 
     @T.macro
-    def pv(h, j0, kn, r0, nr, dbx, S, O, alpha, V):
-        # O[r0 .. r0+nr, :] = alpha * O + P V: nr rows x dbx dims in registers
+    def pack_v(h, j0, kn, V, Vp):
+        # Vp[c, j, :] = V[j0 + j, c*db : (c+1)*db]: the PV micro-kernel's column panel of the tile is
+        # then one contiguous kn x db block; read in place, its rows sit 4*D bytes apart (1 KiB at
+        # D = 256) and fall into a handful of L1 sets that evict each other
+        for jq in range(kn):
+            for c in range(d // db):
+                for dw in T.unroll(db // vl):
+                    for dv in T.vectorized(vl):
+                        Vp[c, jq, dw * vl + dv] = T.Cast("float32", V[h, j0 + jq, c * db + dw * vl + dv])
+
+    @T.macro
+    def pv(kn, r0, nr, dbx, S, O, alpha, Vp):
+        # O[r0 .. r0+nr, :] = alpha * O + P V: nr rows x dbx dims in registers, V from the packed Vp
         for dbo in range(d // dbx):
             acc2 = T.alloc_buffer((nr, dbx), "float32", scope="local")
             for ii in T.unroll(nr):
                 for dw in T.unroll(dbx // vl):
                     for dv in T.vectorized(vl):
                         acc2[ii, dw * vl + dv] = O[r0 + ii, dbo * dbx + dw * vl + dv] * alpha[r0 + ii]
-            # the loop variable is the key position itself: LLVM then strength-reduces the V and
-            # S addresses (with j0 + j it recomputed both per key from spilled int32 values)
-            for jk in range(j0, j0 + kn):
+            for jq in range(kn):
                 for ii in T.unroll(nr):
                     for dw in T.unroll(dbx // vl):
                         for dv in T.vectorized(vl):
-                            acc2[ii, dw * vl + dv] = acc2[ii, dw * vl + dv] + S[jk - j0, r0 + ii] * T.Cast(
-                                "float32", V[h, jk, dbo * dbx + dw * vl + dv]
+                            acc2[ii, dw * vl + dv] = (
+                                acc2[ii, dw * vl + dv]
+                                + S[jq, r0 + ii] * Vp[(dbo * dbx + dw * vl) // db, jq, (dbo * dbx + dw * vl) % db + dv]
                             )
             for ii in T.unroll(nr):
                 for dw in T.unroll(dbx // vl):
@@ -206,7 +216,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                         O[r0 + ii, dbo * dbx + dw * vl + dv] = acc2[ii, dw * vl + dv]
 
     @T.macro
-    def tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, need_mask):
+    def tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Vp, Lk, need_mask):
         # 1. S^T = K_tile Qt (full row blocks, then the tail block)
         for rbo in range(nrb):
             sgemm(h, j0, kn, rbo, nvr, jb, Qt, S, K, Lk)
@@ -247,23 +257,24 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                     for lane in T.vectorized(vl):
                         S[j, rv * vl + lane] = T.Select(
                             S[j, rv * vl + lane] > T.float32(-1.0e38),
-                            fexp(S[j, rv * vl + lane] - mt[lane]),
+                            fexp_nonpos(S[j, rv * vl + lane] - mt[lane]),
                             T.float32(0),
                         )
                         ls[lane] = ls[lane] + S[j, rv * vl + lane]
             else:  # no masked score in the tile, so every row max is finite
                 for j in range(kn):
                     for lane in T.vectorized(vl):
-                        S[j, rv * vl + lane] = fexp(S[j, rv * vl + lane] - mt[lane])
+                        S[j, rv * vl + lane] = fexp_nonpos(S[j, rv * vl + lane] - mt[lane])
                         ls[lane] = ls[lane] + S[j, rv * vl + lane]
             for lane in T.vectorized(vl):
                 l[rv * vl + lane] = l[rv * vl + lane] * alpha[rv * vl + lane] + ls[lane]
                 m[rv * vl + lane] = mt[lane]
         # 3. O = alpha * O + P V
+        pack_v(h, j0, kn, V, Vp)
         for rio in range(nri):
-            pv(h, j0, kn, rio * ri, ri, db, S, O, alpha, V)
+            pv(kn, rio * ri, ri, db, S, O, alpha, Vp)
         if ri_tail > 0:
-            pv(h, j0, kn, nri * ri, ri_tail, dbt, S, O, alpha, V)
+            pv(kn, nri * ri, ri_tail, dbt, S, O, alpha, Vp)
 
     @T.macro
     def prefetch_rows(h, j0, K, V, Lk):
@@ -283,7 +294,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                     )
 
     @T.macro
-    def key_range(h, s0, e0, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk):
+    def key_range(h, s0, e0, qa, qb, Qt, S, O, m, l, alpha, K, V, Vp, Lk):
         # keys [s, e) against query rows at positions [qa, qb); clip to causal limit and window
         s = T.Bind(T.max(s0, qa - winm1))
         e = T.Bind(T.min(e0, qb))
@@ -294,9 +305,9 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 if j0 + kt < e:
                     prefetch_rows(h, j0 + kt, K, V, Lk)
                 if (kn < kt) or (j0 + kt - 1 > qa) or (j0 <= qb - 1 - winm1 - 1):
-                    tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, True)
+                    tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Vp, Lk, True)
                 else:
-                    tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk, False)
+                    tile(h, j0, kn, qa, qb, Qt, S, O, m, l, alpha, K, V, Vp, Lk, False)
 
     @T.macro
     def prologue(h, qa, qb, qoff, Q, Qt, O, m, l):
@@ -358,6 +369,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                 m = T.alloc_buffer((r_rows,), "float32")
                 l = T.alloc_buffer((r_rows,), "float32")
                 alpha = T.alloc_buffer((r_rows,), "float32")
+                Vp = T.alloc_buffer((d // db, kt, db), "float32")
                 cur = T.alloc_buffer((2,), "int32", scope="local")
                 nxt = T.alloc_buffer((2,), "int32", scope="local")
                 for it in range((hkv * Nq + par - 1) // par):
@@ -394,7 +406,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                                     if cur[1] > cur[0]:
                                         if i < NSEL[h, c]:
                                             prefetch_rows(h, nxt[0], K, V, Lk)
-                                        key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                                        key_range(h, cur[0], cur[1], qa, qb, Qt, S, O, m, l, alpha, K, V, Vp, Lk)
                                     cur[0] = nxt[0]
                                     cur[1] = nxt[1]
                             epilogue(h, qa, qb, qoff, O, l, OUT)
@@ -417,6 +429,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
             m = T.alloc_buffer((r_rows,), "float32")
             l = T.alloc_buffer((r_rows,), "float32")
             alpha = T.alloc_buffer((r_rows,), "float32")
+            Vp = T.alloc_buffer((d // db, kt, db), "float32")
             for it in range((hkv * ((Lq + qt - 1) // qt) + par - 1) // par):
                 # round `it` holds items it*par .. it*par + n - 1, spread evenly over the lanes
                 n = T.Bind(T.min(par, hkv * ((Lq + qt - 1) // qt) - it * par))
@@ -431,7 +444,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
                     qa = T.Bind(qoff + c * qt)
                     qb = T.Bind(T.min(qa + qt, Lk))
                     prologue(h, qa, qb, qoff, Q, Qt, O, m, l)
-                    key_range(h, 0, qb, qa, qb, Qt, S, O, m, l, alpha, K, V, Lk)
+                    key_range(h, 0, qb, qa, qb, Qt, S, O, m, l, alpha, K, V, Vp, Lk)
                     epilogue(h, qa, qb, qoff, O, l, OUT)
 
     return dense_attention

@@ -24,9 +24,8 @@ def _f(x: float):
     return tirx.const(x, "float32")
 
 
-def fexp(x):
-    """exp(x) for float32 x (scalar or inside a vectorised loop)."""
-    xc = tirx.max(tirx.min(x, _f(88.3762626647949)), _f(-87.3365447505531))
+def _exp_core(xc):
+    # exp(xc) for xc already clamped to [-87.34, 88.38]
     n = tirx.floor(xc * _f(_LOG2E) + _f(0.5))
     r = xc - n * _f(_C1) - n * _f(_C2)
     p = _f(_P[0])
@@ -34,8 +33,24 @@ def fexp(x):
         p = p * r + _f(c)
     p = p * r * r + r + _f(1.0)
     bits = tirx.shift_left(tirx.Cast("int32", n) + tirx.const(127, "int32"), tirx.const(23, "int32"))
-    y = p * tirx.reinterpret("float32", bits)
+    return p * tirx.reinterpret("float32", bits)
+
+
+def fexp(x):
+    """exp(x) for float32 x (scalar or inside a vectorised loop)."""
+    y = _exp_core(tirx.max(tirx.min(x, _f(88.3762626647949)), _f(-87.3365447505531)))
     return tirx.Select(x < _f(-87.3365447505531), _f(0.0), y)
+
+
+def fexp_nonpos(x):
+    """exp(x) for float32 x <= 0, as in softmax's exp(s - rowmax); below -87.3 it returns exp(-87.3).
+
+    Why a second exp: the attention kernels' softmax evaluates one exp per score, and there the
+    argument is never positive and a result of ~1e-38 instead of 0 is invisible next to the row
+    maximum's 1, so the upper clamp and the underflow select go (3 of ~20 vector instructions,
+    and the constants they keep live). Masked scores are zeroed by the caller, not here.
+    """
+    return _exp_core(tirx.max(x, _f(-87.3365447505531)))
 
 
 def ftanh(x):
