@@ -11,11 +11,12 @@ serves the whole group (GQA).  Per key tile of KT keys:
    (Qt = the query tile transposed, pre-scaled, packed [R/RB, D, RB] once per item);
 2. softcap, masks (only on tiles that need them), online softmax vectorised over r,
    with a polynomial exp (tirmath.fexp) — no libm call per score;
-3. O[r, :] = alpha[r]·O[r, :] + Σ_j P^T[j, r] V[j, :]   GEMM, register tile RI rows × DB dims.
+3. O[r, :] = alpha[r]·O[r, :] + Σ_j P^T[j, r] V[j, :]   GEMM, register tile RI rows × DB dims,
+   V read from the tile's rows packed as [D/DB, KT, DB] panels (once per tile, shared by all rows).
 
 Work items run in a `T.parallel` loop whose order is zig-zagged (0, N-1, 1, N-2, …)
 so that TVM's contiguous static split gives each thread the same causal work.
-No buffer depends on L except the inputs/outputs: per item Qt, O [R, D], S [KT, R].
+No buffer depends on L except the inputs/outputs: per item Qt, O [R, D], S [KT, R], Vp [KT, D].
 """
 
 from __future__ import annotations
