@@ -124,7 +124,8 @@ def chunk_select_function() -> onnx.FunctionProto:
     nq = s["nq"]
     offset = nb.op("Sub", s["nc"], nq, hint="offset")
     own = nb.op("Range", offset, s["nc"], one, hint="own_chunk")  # [Nq] key chunk of each query chunk
-    q_lo = nb.op("Sub", nb.op("Max", nb.op("Gather", s["b_lo"], own), s["start"]), s["start"])
+    own_lo = nb.op("Gather", s["b_lo"], own, hint="own_start")  # [Nq] first key of each own chunk
+    q_lo = nb.op("Sub", nb.op("Max", own_lo, s["start"]), s["start"])
     q_hi = nb.op("Sub", nb.op("Gather", s["b_hi"], own), s["start"])
 
     # the chunk stage runs in float32 whatever the model dtype: running sums over thousands of
@@ -140,7 +141,6 @@ def chunk_select_function() -> onnx.FunctionProto:
     raw = nb.op("MatMul", qbar, nb.op("Transpose", kbar, perm=[0, 1, 3, 2]), hint="raw_scores")  # [B,Hkv,Nq,Nc]
     # DHSA scores keys relative to the mean key before the own chunk (edgeattn.dhsa.candidate_mean_term):
     # minus sqrt(|x|)·q̄_c·μ_c, with μ_c read from the prefix sums; block-sparse (normalize=0) skips it
-    own_lo = nb.op("Gather", s["b_lo"], own)  # [Nq]
     before = nb.op("Gather", ksum, own_lo, axis=2)  # [B,Hkv,Nq,D]: sum of the keys before each own chunk
     n_before = nb.op("Cast", nb.op("Max", own_lo, one), to=FLOAT)
     q_mu = nb.op("Div", nb.op("ReduceSum", nb.op("Mul", qbar, before), nb.i64(3), keepdims=0), n_before)  # [B,Hkv,Nq]
@@ -159,7 +159,7 @@ def chunk_select_function() -> onnx.FunctionProto:
     remaining = nb.op(
         "Sub",
         nb.op("Sub", budget, nb.op("Gather", s["lens"], own)),
-        nb.op("Min", nb.op("Gather", s["b_lo"], own), sinks),
+        nb.op("Min", own_lo, sinks),
         hint="remaining",
     )  # [Nq]
 
