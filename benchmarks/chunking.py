@@ -32,20 +32,15 @@ import torch.nn.functional as F
 
 from edgeattn import calibrate, chunking, dhsa, models, text
 from edgeattn.config import AttentionConfig
-from edgeattn.coverage import SCORINGS, kept_mass
+from edgeattn.coverage import SCORINGS, dense_probs, kept_mass
 from edgeattn.runtime.measure import cpu_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
 
 # The calibration data are the first 16 x 1023 tokens of the pydoc text; start well after them.
 PYDOC_OFFSET = 50_000
-
-
-def _median_time(fn: Any, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,18 +85,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bounds[name] = fn(k, None)
                 mean_len = length / (len(bounds[name]) - 1)
                 bounds[f"fixed@{name}"] = dhsa.fixed_boundaries(length, max(1, round(mean_len)))
-            attn_s = _median_time(
-                lambda q=q, k=k, v=v, sc=scaling: F.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, scale=sc, enable_gqa=True
-                ),
-                args.reps,
+            attn_s = C.median(
+                C.time_it(
+                    lambda q=q, k=k, v=v, sc=scaling: F.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, scale=sc, enable_gqa=True
+                    ),
+                    args.reps,
+                )
             )
             dhsa_cfg = base.with_(budget=min(args.budgets))
-            dhsa_s = _median_time(
-                lambda q=q, k=k, v=v, c=dhsa_cfg, sc=scaling: dhsa.attention(q, k, v, c, scaling=sc), 1
+            dhsa_s = C.median(
+                C.time_it(lambda q=q, k=k, v=v, c=dhsa_cfg, sc=scaling: dhsa.attention(q, k, v, c, scaling=sc))
             )
             for name, fn in sources.items():
-                bt = _median_time(lambda fn=fn, k=k: fn(k, None), args.reps)
+                bt = C.median(C.time_it(lambda fn=fn, k=k: fn(k, None), args.reps))
                 timing.append(
                     {
                         "length": length,
@@ -112,15 +109,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "dhsa_reference_ms": dhsa_s * 1e3,
                     }
                 )
+            probs = dense_probs(q, k, scaling)  # shared by every source, budget and scoring below
             for budget in args.budgets:
                 for name, b in bounds.items():
                     cfg = base.with_(budget=budget, chunk_size=args.chunk_size)
                     if name.startswith("fixed@"):
                         cfg = cfg.with_(chunk_size=int(b[1] - b[0]))
                     row = {"length": length, "layer": layer, "budget": budget, "source": name, "chunks": len(b) - 1}
-                    row["mass"] = kept_mass(q, k, scaling, cfg, b)
+                    row["mass"] = kept_mass(q, k, scaling, cfg, b, probs=probs)
                     for scoring in args.diagnostics:
-                        row[f"mass_{scoring}"] = kept_mass(q, k, scaling, cfg, b, scoring)
+                        row[f"mass_{scoring}"] = kept_mass(q, k, scaling, cfg, b, scoring, probs=probs)
                     rows.append(row)
             print(f"[bench] L={length} layer {layer} done", file=sys.stderr, flush=True)
     return {

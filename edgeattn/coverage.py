@@ -23,6 +23,23 @@ SCORINGS = {
 }
 
 
+def dense_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal dense softmax of prefill q [1, Hq, L, D] against k [1, Hkv, L, D]: [Hq, L, L].
+
+    It does not depend on the chunks, the budget or the scoring, so a caller
+    comparing many selections on one layer computes it once.
+    """
+    length = k.shape[2]
+    causal = dhsa.causal_mask(length, length, None)
+    hq, hkv = q.shape[1], k.shape[1]
+    return torch.stack(
+        [
+            torch.softmax(((q[0, h] @ k[0, h // (hq // hkv)].T) * scaling).masked_fill(~causal, float("-inf")), -1)
+            for h in range(hq)
+        ]
+    )
+
+
 def kept_mass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -30,10 +47,12 @@ def kept_mass(
     cfg: AttentionConfig,
     boundaries: torch.Tensor,
     scoring: str = "dhsa",
+    probs: torch.Tensor | None = None,
 ) -> float:
     """Kept attention mass of DHSA's selection for prefill q [1, Hq, L, D], k [1, Hkv, L, D].
 
     ``scoring`` other than ``dhsa`` scores the chunks another way (see ``SCORINGS``).
+    ``probs``: :func:`dense_probs` of the same q, k and scaling, when the caller has it.
     """
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
@@ -42,11 +61,6 @@ def kept_mass(
     scores = dhsa.chunk_scores(q, k, qb, boundaries, **SCORINGS[scoring])
     keep = dhsa.select_chunks(scores, boundaries, cfg.budget, cfg.sinks)
     mask = dhsa.kept_token_mask(keep, boundaries, length, cfg.sinks)[0]  # [Hkv, L, L]
-    causal = dhsa.causal_mask(length, length, None)
+    probs = dense_probs(q, k, scaling) if probs is None else probs
     hq, hkv = q.shape[1], k.shape[1]
-    total = 0.0
-    for h in range(hq):
-        kv = h // (hq // hkv)
-        p = torch.softmax(((q[0, h] @ k[0, kv].T) * scaling).masked_fill(~causal, float("-inf")), dim=-1)
-        total += float((p * mask[kv]).sum(-1).mean())
-    return total / hq
+    return sum(float((probs[h] * mask[h // (hq // hkv)]).sum(-1).mean()) for h in range(hq)) / hq

@@ -164,7 +164,7 @@ def test_adaptive_chunks_keep_more_attention_than_fixed_on_real_text(real_model,
     at more lengths and budgets, with controls).
     """
     from edgeattn import calibrate, models, text
-    from edgeattn.coverage import kept_mass
+    from edgeattn.coverage import dense_probs, kept_mass
 
     tok = real_model.tokenizer
     body = tok(text.pydoc_text(), add_special_tokens=False).input_ids
@@ -176,7 +176,8 @@ def test_adaptive_chunks_keep_more_attention_than_fixed_on_real_text(real_model,
     mass = {name: 0.0 for name in ["fixed", *sources]}
     for layer in layers:
         q, k, scaling = store[layer]["q"], store[layer]["k"], store[layer]["scaling"]
-        mass["fixed"] += kept_mass(q, k, scaling, cfg, dhsa.fixed_boundaries(length, 32)) / len(layers)
+        probs = dense_probs(q, k, scaling)
+        mass["fixed"] += kept_mass(q, k, scaling, cfg, dhsa.fixed_boundaries(length, 32), probs=probs) / len(layers)
         for name, fn in sources.items():
-            mass[name] += kept_mass(q, k, scaling, cfg, fn(k, None)) / len(layers)
+            mass[name] += kept_mass(q, k, scaling, cfg, fn(k, None), probs=probs) / len(layers)
     assert mass["shift"] > mass["fixed"] and mass["predictor"] > mass["fixed"], mass
