@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeattn.atomic import staged_dir
 from edgeattn.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 
 DEFAULT_MODEL = "gemma3-270m"
@@ -174,9 +173,7 @@ def _convert(gguf_path: Path, target: Path) -> Path:
 
     _log(f"converting {gguf_path.name} to float32 (one time, 1-2 min; cached in {target.parent})")
     t0 = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with staged_dir(target, prefix=".convert-") as tmp:
         kwargs = {"gguf_file": gguf_path.name, "dtype": torch.float32}
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -185,12 +182,6 @@ def _convert(gguf_path: Path, target: Path) -> Path:
         tok.save_pretrained(tmp)
         meta = {"source": str(gguf_path), "format": _CONVERTED_FORMAT}
         (tmp / "edgeattn-converted.json").write_text(json.dumps(meta))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _log(f"cached in {time.perf_counter() - t0:.1f} s: {target}")
     return target
 
