@@ -27,6 +27,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .abi import OP_SELECT, SYMBOL, KernelSpec
+from .toplist import toplist_macros
 
 
 def _lanes(d: int, maxl: int = 8) -> int:
@@ -47,6 +48,7 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
     vl = _lanes(d, lanes)
     nd = d // vl
     ginv = 1.0 / g
+    insert, finish = toplist_macros(budget, sinks)
 
     @T.prim_func
     def dhsa_chunk_select(q_h: T.handle, k_h: T.handle, b_h: T.handle, sel_h: T.handle, nsel_h: T.handle):
@@ -123,12 +125,10 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
                     qmu[0] = qmu[0] + qbar[dd] * kpre[hh, own, dd]
                 qmu[0] = qmu[0] / T.Cast("float32", T.max(ks, 1))
             # top-list insertion over candidates x < own (descending score, ties: lower id first)
-            cnt = T.alloc_buffer((1,), "int32", scope="local")
-            pos = T.alloc_buffer((1,), "int32", scope="local")
-            go = T.alloc_buffer((1,), "int32", scope="local")
+            iv = T.alloc_buffer((5,), "int32", scope="local")  # count, pos, flag, used, kept (toplist.py)
             sc = T.alloc_buffer((1,), "float32", scope="local")
             part = T.alloc_buffer((vl,), "float32", scope="local")
-            cnt[0] = 0
+            iv[0] = 0
             for x in range(own):
                 for dv in T.vectorized(vl):
                     part[dv] = T.float32(0)
@@ -140,66 +140,7 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
                     sc[0] = sc[0] + part[dv]
                 if normalize:
                     sc[0] = sc[0] - T.sqrt(T.Cast("float32", B[x + 1] - B[x])) * qmu[0]
-                go[0] = 0
-                if cnt[0] < M:
-                    go[0] = 1
-                elif sc[0] > topv[hh, c, M - 1]:
-                    go[0] = 1
-                if go[0] == 1:
-                    pos[0] = T.min(cnt[0], M - 1)
-                    while go[0] == 1:
-                        if pos[0] > 0:
-                            if topv[hh, c, pos[0] - 1] < sc[0]:
-                                topv[hh, c, pos[0]] = topv[hh, c, pos[0] - 1]
-                                SEL[hh, c, pos[0]] = SEL[hh, c, pos[0] - 1]
-                                pos[0] = pos[0] - 1
-                            else:
-                                go[0] = 0
-                        else:
-                            go[0] = 0
-                    topv[hh, c, pos[0]] = sc[0]
-                    SEL[hh, c, pos[0]] = x
-                    cnt[0] = T.min(cnt[0] + 1, M)
-            # greedy prefix under the budget
-            rem = T.Bind(budget - (ke - ks) - T.min(ks, sinks))
-            used = T.alloc_buffer((1,), "int32", scope="local")
-            kept = T.alloc_buffer((1,), "int32", scope="local")
-            used[0] = 0
-            kept[0] = 0
-            go[0] = 1
-            for i in range(cnt[0]):
-                if go[0] == 1:
-                    xs = T.Bind(B[SEL[hh, c, i]])
-                    xe = T.Bind(B[SEL[hh, c, i] + 1])
-                    charge = T.Bind((xe - xs) - T.max(T.min(xe, sinks) - T.min(xs, sinks), 0))
-                    if used[0] + charge <= rem:
-                        used[0] = used[0] + charge
-                        kept[0] = kept[0] + 1
-                    else:
-                        go[0] = 0
-            if kept[0] >= M:
-                NSEL[hh, c] = -1
-                for i in range(M):
-                    SEL[hh, c, i] = -1
-            else:
-                # kept ids ascending (insertion sort of the first kept[0] entries)
-                for i in range(1, kept[0]):
-                    pos[0] = i
-                    cnt[0] = SEL[hh, c, i]
-                    go[0] = 1
-                    while go[0] == 1:
-                        if pos[0] > 0:
-                            if SEL[hh, c, pos[0] - 1] > cnt[0]:
-                                SEL[hh, c, pos[0]] = SEL[hh, c, pos[0] - 1]
-                                pos[0] = pos[0] - 1
-                            else:
-                                go[0] = 0
-                        else:
-                            go[0] = 0
-                    SEL[hh, c, pos[0]] = cnt[0]
-                SEL[hh, c, kept[0]] = own
-                for i in range(kept[0] + 1, M):
-                    SEL[hh, c, i] = -1
-                NSEL[hh, c] = kept[0] + 1
+                insert(topv, SEL, hh, c, M, sc[0], x, iv)
+            finish(B, SEL, NSEL, hh, c, M, own, ks, ke, iv)
 
     return tvm.IRModule({SYMBOL[OP_SELECT]: dhsa_chunk_select})

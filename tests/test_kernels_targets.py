@@ -211,7 +211,7 @@ def test_opencl_adreno_profile_runs() -> None:
 
 @needs_opencl
 def test_opencl_launch_plan_is_tvms() -> None:
-    """The launches come from TVM's host code: 4 kernels for DHSA selection, grid from the shapes."""
+    """The launches come from TVM's host code: 3 kernels for DHSA selection, grid from the shapes."""
     case = make_case(4, 2, 16, 77, chunk=8, budget=32)
     runner = _opencl_runner("opencl-mali", case.spec(OP_SELECT))
     plan = runner.plan(case.args(OP_SELECT))
@@ -219,11 +219,12 @@ def test_opencl_launch_plan_is_tvms() -> None:
         "dhsa_chunk_select_kernel",
         "dhsa_chunk_select_kernel_1",
         "dhsa_chunk_select_kernel_2",
-        "dhsa_chunk_select_kernel_3",
     ]
     nc = len(case.boundaries) - 1
     assert plan.launches[1].grid == (2 * nc, 1, 1)  # one work-group per (KV head, key chunk)
-    assert set(plan.workspaces) == {"kbar", "topv", "kpre"}
+    assert plan.launches[2].grid == (2 * nc, 1, 1)  # one work-group per (KV head, query chunk) row
+    assert plan.launches[2].block == (128, 1, 1)
+    assert set(plan.workspaces) == {"kbar", "topv", "csum"}
     for launch in plan.launches:
         assert f"void {launch.name}(" in runner.source
 
