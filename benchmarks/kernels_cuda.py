@@ -65,6 +65,13 @@ def check_cases() -> list[tuple[str, dict[str, Any], list[tuple[str, bool, str]]
         )
     cases.append(
         (
+            "one-token chunks: M > 200, 300 chunks",
+            dict(heads_q=4, heads_kv=1, head_dim=16, k_len=301, chunk=1, budget=200, seed=9),
+            [(OP_SELECT, False, "sel"), (OP_SPARSE, False, "ref_sparse")],
+        )
+    )
+    cases.append(
+        (
             "budget >= L is dense",
             dict(heads_q=4, heads_kv=1, head_dim=64, k_len=150, chunk=16, budget=200, seed=13),
             [(OP_SPARSE, False, "ref_dense")],

@@ -180,6 +180,15 @@ def test_opencl_variable_chunks_softcap_window() -> None:
 
 
 @needs_opencl
+def test_opencl_long_top_list_and_many_chunks() -> None:
+    """A top-list of M > 200 entries (one-token chunks, budget 200), and centring sums over 290 chunks."""
+    case = make_case(4, 1, 16, 301, chunk=1, budget=200, sinks=4, seed=9)
+    assert case.sel.shape[-1] > 128
+    _check_opencl(case)
+    _check_opencl(make_case(4, 1, 16, 301, q_len=1, chunk=1, budget=200, sinks=4, seed=10))
+
+
+@needs_opencl
 def test_opencl_decode_one_query() -> None:
     _check_opencl(make_case(8, 2, 16, 61, q_len=1, chunk=8, budget=24, seed=7))
     _check_opencl(make_case(8, 2, 16, 61, q_len=5, chunk=8, budget=24, seed=8))  # a suffix across chunks
@@ -223,7 +232,7 @@ def test_opencl_launch_plan_is_tvms() -> None:
     nc = len(case.boundaries) - 1
     assert plan.launches[1].grid == (2 * nc, 1, 1)  # one work-group per (KV head, key chunk)
     assert plan.launches[2].grid == (2 * nc, 1, 1)  # one work-group per (KV head, query chunk) row
-    assert plan.launches[2].block == (128, 1, 1)
+    assert plan.launches[2].block == (256, 1, 1)
     assert set(plan.workspaces) == {"kbar", "topv", "csum"}
     for launch in plan.launches:
         assert f"void {launch.name}(" in runner.source
