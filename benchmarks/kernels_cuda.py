@@ -107,10 +107,24 @@ def all_specs() -> list:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
+    from edgeattn.kernels_tvm.gpu_cuda import NvccError
     from edgeattn.kernels_tvm.prebuilt import write_bundle
+    from edgeattn.kernels_tvm.targets import UnknownTargetError, get_profile, list_profiles
 
+    cuda = [p.name for p in list_profiles("cuda")]
+    try:
+        family = get_profile(args.target).family
+    except UnknownTargetError as exc:
+        family = f"unknown ({exc})"
+    if family != "cuda":
+        print(f"error: --target must be a CUDA profile ({', '.join(cuda)}), got {args.target!r}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    out = write_bundle(args.out, all_specs(), args.target, progress=lambda m: print(m, flush=True))
+    try:
+        out = write_bundle(args.out, all_specs(), args.target, progress=lambda m: print(m, flush=True))
+    except (NvccError, RuntimeError) as exc:
+        print(f"error: could not build the bundle (nothing was written to {args.out}): {exc}", file=sys.stderr)
+        return 2
     n = len(json.loads((out / "manifest.json").read_text())["kernels"])
     print(f"wrote {n} kernels for {args.target} to {out} in {time.perf_counter() - t0:.1f} s")
     return 0

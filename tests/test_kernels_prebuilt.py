@@ -164,6 +164,19 @@ def test_cuda_benchmark_without_a_gpu_exits_2_with_a_message(tmp_path: Path) -> 
     assert "error:" in done.stderr and "not a kernel bundle" in done.stderr
 
 
+def test_cuda_benchmark_bundle_refuses_a_non_cuda_target(tmp_path: Path) -> None:
+    for target in ("x86-host", "cuda-sm99"):
+        done = subprocess.run(
+            [sys.executable, "benchmarks/kernels_cuda.py", "bundle", "--target", target, "--out", str(tmp_path / "b")],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            timeout=120,
+        )
+        assert done.returncode == 2 and "must be a CUDA profile" in done.stderr and "cuda-sm87" in done.stderr
+        assert not (tmp_path / "b").exists()
+
+
 def test_cuda_benchmark_checks_cover_every_gqa_ratio_and_dtype() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import kernels_cuda
