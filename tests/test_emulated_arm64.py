@@ -144,3 +144,86 @@ def test_tuner_checks_and_times_candidates_on_the_device(device: emu.EmulatedArm
     record = result.record
     assert record["candidates"] == 1 and record["failed"] == 0 and record["rejected_wrong"] == 0
     assert record["choice"] in ("default", "tuned") and record["time_s"]["default"][0] > 0
+
+
+# ------------------------------------------------- a kernel bundle, run with TVM's runtime alone
+
+DEVICE_BUNDLE_SCRIPT = """
+import json, platform, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import tvm
+assert platform.machine() == "aarch64", platform.machine()
+assert tvm._RUNTIME_ONLY and tvm.get_global_func("target.build.llvm", allow_missing=True) is None
+from edgeattn.kernels_tvm.abi import ARGS, NUM_OUTPUTS
+from edgeattn.kernels_tvm.prebuilt import Bundle
+bundle = Bundle.load(sys.argv[2])
+data = dict(np.load(sys.argv[3]))
+outs = {}
+for spec in bundle.specs():
+    names = ARGS[spec.op]
+    arrays = [data[n] if n in data else None for n in names]
+    for i in range(len(names) - NUM_OUTPUTS[spec.op], len(names)):
+        arrays[i] = data["poison_" + names[i]]
+    tensors = [tvm.runtime.tensor(a, bundle.device()) for a in arrays]
+    bundle.kernel(spec)(*tensors)
+    for n, t in zip(names[-NUM_OUTPUTS[spec.op]:], tensors[-NUM_OUTPUTS[spec.op]:]):
+        outs[spec.op + "." + n] = t.numpy()
+np.savez(sys.argv[4], **outs)
+print("ran", len(outs), "outputs on", platform.machine())
+"""
+
+
+def test_bundle_runs_with_the_runtime_only_on_the_emulated_device(tmp_path) -> None:
+    """Cross-compiled here, loaded on aarch64 with TVM_USE_RUNTIME_LIB=1: the deployment path of a board."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from edgeattn.kernels_tvm.abi import OP_DENSE, OP_SELECT, OP_SPARSE
+    from edgeattn.kernels_tvm.gpu_cases import make_case, rel_err
+    from edgeattn.kernels_tvm.prebuilt import write_bundle
+
+    case = make_case(4, 2, 16, 77, chunk=8, budget=32, sinks=4, seed=21, key_offset=2.0)
+    bundle = write_bundle(tmp_path / "arm64", [case.spec(op) for op in (OP_SELECT, OP_SPARSE, OP_DENSE)], "arm64")
+    select_args = case.args(OP_SELECT)
+    np.savez(
+        tmp_path / "in.npz",
+        q=case.q,
+        k=case.k,
+        v=case.v,
+        boundaries=case.boundaries,
+        sel=case.sel,
+        nsel=case.nsel,
+        poison_out=case.args(OP_DENSE)[-1],
+        poison_sel=select_args[3],
+        poison_nsel=select_args[4],
+    )
+    # edgeattn's modules as the installed package lays them out (kernels_tvm -> edgeattn.kernels_tvm)
+    repo = Path(__file__).resolve().parents[1]
+    pkg = tmp_path / "pkg" / "edgeattn"
+    shutil.copytree(repo / "edgeattn", pkg, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    shutil.copytree(repo / "kernels_tvm", pkg / "kernels_tvm", ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run(
+        [
+            str(emu.emulator_layout().wrapper),
+            "-c",
+            DEVICE_BUNDLE_SCRIPT,
+            str(tmp_path / "pkg"),
+            str(bundle),
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TVM_USE_RUNTIME_LIB": "1", "TVM_NUM_THREADS": "2"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on aarch64" in done.stdout
+    out = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(out[f"{OP_SELECT}.sel"], case.sel)
+    np.testing.assert_array_equal(out[f"{OP_SELECT}.nsel"], case.nsel)
+    assert rel_err(out[f"{OP_SPARSE}.out"], case.ref_sparse) <= 1e-4
+    assert rel_err(out[f"{OP_DENSE}.out"], case.ref_dense) <= 1e-4
