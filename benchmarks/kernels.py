@@ -18,6 +18,7 @@ with other work (or threads idled) and the wall times are pessimistic; "GFLOP/cp
     python benchmarks/kernels.py --quick                 # smoke run (1K, 4K)
     python benchmarks/kernels.py --lengths 4096,16384 --json out/kernels.json
     python benchmarks/kernels.py --baseline-max-length 16384   # skip SDPA/ORT/TVM dense above 16K
+    python benchmarks/kernels.py --lengths 16384 --impls tvm-dense,torch-sdpa --pairs 9   # ratio spread
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write one record per implementation and length")
     p.add_argument("--quick", action="store_true", help="smoke run: lengths 1024,4096, one repeat")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time TVM dense and SDPA in N alternating pairs per length and report the spread of the "
+        "per-pair ratios (the dense-vs-SDPA target is within this machine's run-to-run noise)",
+    )
     p.add_argument(
         "--isolate",
         action="store_true",
@@ -244,6 +253,12 @@ class Bench:
                 total_sequence_length=np.array(length, np.int32),
             )
             measure("ort-gqa", lambda: self.ort.run(["output"], feed), dense_flops(length))
+        if args.pairs and "tvm-dense" in rows and "torch-sdpa" in rows:
+            rows["tvm-dense"]["pair_ratios"] = interleaved_ratios(
+                lambda: self.dense_k(q0, k0, v0, out),
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                args.pairs,
+            )
         for impl, kern in (("tvm-dhsa", self.sparse_k), ("tvm-dense", self.dense_k)):
             if impl in rows:
                 rows[impl]["schedule"] = kern.schedule_source.split(" ")[0]
@@ -266,6 +281,35 @@ class Bench:
         records = [rows[i] for i in IMPLS if i in rows]
         add_ratios(records)
         return records
+
+
+def interleaved_ratios(ours, baseline, pairs: int) -> list[float]:
+    """baseline time / our time for ``pairs`` back-to-back pairs, alternating which runs first.
+
+    Why: on a shared machine the load drifts over seconds; a pair sees (nearly) the same load,
+    so the spread of the per-pair ratios says whether a difference is real.
+    """
+    ratios = []
+    for i in range(pairs):
+        times = {}
+        for name, fn in (("ours", ours), ("base", baseline))[:: 1 if i % 2 == 0 else -1]:
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - t0
+        ratios.append(times["base"] / times["ours"])
+    return ratios
+
+
+def _print_pair_lines(records: list[dict]) -> None:
+    for r in records:
+        ratios = r.get("pair_ratios")
+        if ratios:
+            wins = sum(x >= 1 for x in ratios)
+            print(
+                f"TVM dense vs SDPA at L={r['length']}, {len(ratios)} interleaved pairs: median "
+                f"{C.median(ratios):.3f}x, range {min(ratios):.3f}-{max(ratios):.3f}x, {wins} of {len(ratios)} >= 1"
+            )
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -309,6 +353,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     threads = C.set_threads(args.threads)  # before TVM starts its thread pool
+    if args.isolate and args.pairs:
+        raise SystemExit("--pairs times dense and SDPA in one process; it cannot be combined with --isolate")
     if args.isolate:
         impls = [x for x in args.impls.split(",") if x]
         records = isolated(argv, impls)
@@ -346,6 +392,7 @@ def main(argv=None) -> int:
     print(C.header("Summary", threads))
     print(C.table(records, COLUMNS))
     _print_dhsa_lines(records)
+    _print_pair_lines(records)
     if args.json:
         meta = dict(threads=threads, target=str(bench.target), lengths=lengths, budget=args.budget)
         meta["schedules"] = {"tvm-dense": bench.dense_k.schedule_source, "tvm-dhsa": bench.sparse_k.schedule_source}
