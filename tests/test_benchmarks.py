@@ -1,0 +1,52 @@
+"""The kernel benchmark's own logic: interleaved pairs, and a small end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import kernels  # noqa: E402
+
+
+def test_interleaved_ratios_alternate_the_order_and_divide_baseline_by_ours() -> None:
+    calls: list[str] = []
+
+    def ours() -> None:
+        calls.append("ours")
+        time.sleep(0.01)
+
+    def baseline() -> None:
+        calls.append("base")
+        time.sleep(0.03)
+
+    ratios = kernels.interleaved_ratios(ours, baseline, 4)
+    assert len(ratios) == 4 and all(r > 1.5 for r in ratios)
+    assert calls == ["ours", "base", "base", "ours", "ours", "base", "base", "ours"]
+
+
+def test_pairs_run_end_to_end_and_land_in_the_json(tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    cmd = [sys.executable, "benchmarks/kernels.py", "--quick", "--impls", "tvm-dense,torch-sdpa", "--pairs", "2"]
+    done = subprocess.run([*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 interleaved pairs" in done.stdout
+    dense = [r for r in json.loads(out.read_text())["records"] if r["impl"] == "tvm-dense"]
+    assert [len(r["pair_ratios"]) for r in dense] == [2, 2]
+    assert all(r["rel_err"] < 1e-5 for r in dense)
+
+
+def test_pairs_and_isolate_do_not_mix() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/kernels.py", "--isolate", "--pairs", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "cannot be combined with --isolate" in done.stderr
