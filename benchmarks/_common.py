@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeattn.atomic import write_text
 from edgeattn.runtime.measure import cpu_model  # noqa: F401  (re-exported for the scripts)
 
 
@@ -72,9 +73,5 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
 
 def write_json(path: str | Path, records: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> None:
     """``{"meta": {...}, "records": [...]}``, written to a temp file and renamed (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": {"cpu": cpu_model(), **(meta or {})}, "records": records}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
+    write_text(path, json.dumps(doc, indent=1))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import time
@@ -108,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     if args.json_path:
-        tmp = args.json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({**header, "rows": rows}, f, indent=2)
-        os.replace(tmp, args.json_path)
+        from edgeattn.atomic import write_text
+
+        write_text(args.json_path, json.dumps({**header, "rows": rows}, indent=2))
     return 0
 
 

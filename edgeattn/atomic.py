@@ -1,11 +1,13 @@
-"""Folders that appear whole or not at all.
+"""Files and folders that appear whole or not at all.
 
-Why: a converted model cache or a kernel bundle that is half written (a crash, Ctrl-C, a compile
-error mid-way) would later be read as complete.  Build in a hidden sibling, rename at the end.
+Why: a converted model cache, a kernel bundle, a tuning record file or a benchmark's JSON that
+is half written (a crash, Ctrl-C, a compile error mid-way) would later be read as complete.
+Write into a hidden sibling, rename at the end.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -30,3 +32,18 @@ def staged_dir(target: Path, prefix: str | None = None) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a sibling temporary file and a rename (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -37,12 +37,13 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from edgeattn.atomic import write_text
 
 from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
 from .cpu import CpuSchedule
@@ -212,16 +213,7 @@ def write_records(path: Path, profile: str, new: list[dict[str, Any]]) -> None:
     """Merge ``new`` into the file (a record replaces the one with the same key), atomically."""
     keep = [r for r in load_records(path) if not any(_same_key(r, n) for n in new)]
     doc = {"format": FORMAT, "target": profile, "records": keep + new}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 def _same_key(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -157,10 +157,22 @@ def test_short_real_tuning_run_writes_a_valid_file_atomically(records, monkeypat
     # a write that fails half-way leaves the old file as it was and no temp file behind
     before = out.read_bytes()
 
-    def broken_dump(*a, **kw):
-        raise OSError("disk full")
+    from edgeattn import atomic
 
-    monkeypatch.setattr(tune.json, "dump", broken_dump)
+    real_fdopen = atomic.os.fdopen
+
+    def half_written(fd, mode):  # writes half of the text, then the disk is full
+        f = real_fdopen(fd, mode)
+        write = f.write
+
+        def write_half(text):
+            write(text[: len(text) // 2])
+            raise OSError("disk full")
+
+        f.write = write_half
+        return f
+
+    monkeypatch.setattr(atomic.os, "fdopen", half_written)
     with pytest.raises(OSError, match="disk full"):
         tune.write_records(out, "x86-host", [rec])
     assert out.read_bytes() == before and sorted(p.name for p in records.iterdir()) == ["x86-host.json"]
