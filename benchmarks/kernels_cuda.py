@@ -301,7 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import tvm
     from _common import cpu_model, table, write_json
 
-    from edgeattn.kernels_tvm.prebuilt import CUDA_LOADS, Bundle, BundleError
+    from edgeattn.kernels_tvm.prebuilt import CUDA_LOADS, Bundle, BundleError, gpu_arch
 
     try:
         bundle = Bundle.load(args.bundle)
@@ -342,7 +342,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in records:
         for key in ("sdpa", "dense", "dhsa"):
             r[f"{key}_ms"] = r[f"{key}_s"] * 1e3 if r.get(f"{key}_s") is not None else None
-    title = f"TVM CUDA kernels vs PyTorch SDPA | GPU: {meta['gpu']} (sm_{dev.compute_version.replace('.', '')})"
+    title = f"TVM CUDA kernels vs PyTorch SDPA | GPU: {meta['gpu']} ({gpu_arch(dev)})"
     print(f"\n{title}\nhost CPU: {meta['host_cpu']} | bundle: {bundle.target}", end="")
     print(f" | TVM {meta['tvm']} | torch {meta['torch']}")
     print(f"shape: {HQ} query heads, {HKV} KV head, head_dim {D}; DHSA budget {BUDGET}, chunk {CHUNK}, sinks {SINKS}")

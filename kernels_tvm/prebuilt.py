@@ -16,7 +16,6 @@ nothing of the compiler: run it with ``TVM_USE_RUNTIME_LIB=1``.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -133,7 +132,7 @@ def load_runtime_backend(family: str) -> None:
         ) from exc
 
 
-# sha256 of a CUDA source -> device code for this GPU, from loaded bundles (see _cuda_compile_hook).
+# sha256 of a CUDA source -> device code for this GPU, from loaded bundles (see _register_cuda_compile_hook).
 _PREBUILT_CUDA: dict[str, bytes] = {}
 # How the hook answered in this process: "prebuilt" (bundle cubin) or "compiled" (on the device).
 CUDA_LOADS = {"prebuilt": 0, "compiled": 0}
@@ -146,24 +145,21 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _nvcc_for_this_gpu(code: str) -> bytes:
-    import os
-    import subprocess
+def gpu_arch(dev: Any) -> str:
+    """``sm_XX`` of a TVM CUDA device (what nvcc's ``-arch`` and the bundle manifest say)."""
+    return "sm_" + dev.compute_version.replace(".", "")
 
+
+def _nvcc_for_this_gpu(code: str) -> bytes:
     import tvm
 
-    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
-    if not os.path.exists(nvcc):
-        raise BundleError("these CUDA kernels must be compiled on load and need nvcc (CUDA toolkit, or set CUDA_HOME)")
-    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    from .gpu_cuda import NvccError, nvcc_compile
+
     with tempfile.TemporaryDirectory(prefix="edgeattn-cuda-") as tmp:
-        src, out = Path(tmp, "k.cu"), Path(tmp, "k.fatbin")
-        src.write_text(code)
-        cmd = [nvcc, "--fatbin", "-O3", f"-arch={arch}", "-diag-suppress=177,1046", str(src), "-o", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise BundleError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
-        return out.read_bytes()
+        try:
+            return nvcc_compile(code, gpu_arch(tvm.cuda(0)), Path(tmp, "k.cubin"), fmt="cubin").read_bytes()
+        except NvccError as exc:
+            raise BundleError(f"these CUDA kernels must be compiled on load, and that failed: {exc}") from exc
 
 
 def _register_cuda_compile_hook() -> None:
@@ -233,7 +229,7 @@ class Bundle:
         dev = self.device()
         if not dev.exist:
             return
-        arch = "sm_" + dev.compute_version.replace(".", "")
+        arch = gpu_arch(dev)
         for entry in self.manifest["kernels"].values():
             code = entry.get("device_code")
             if code and code["arch"] == arch and (self.path / code["file"]).is_file():
@@ -255,21 +251,28 @@ class Bundle:
 
     def kernel(self, spec: KernelSpec) -> Any:
         """The packed function of ``spec``'s kernel (arguments in ABI order, see :mod:`.abi`)."""
-        import tvm
+        entry = self._entry(spec)
+        return self._module(entry)[entry["symbol"]]
 
+    def time_evaluator(self, spec: KernelSpec, **kw: Any) -> Any:
+        """TVM's device-synchronised timer for ``spec``'s kernel (``number``, ``repeat``, ...)."""
+        entry = self._entry(spec)
+        return self._module(entry).time_evaluator(entry["symbol"], self.device(), **kw)
+
+    def _entry(self, spec: KernelSpec) -> dict[str, Any]:
         entry = self.manifest["kernels"].get(spec_id(spec))
         if entry is None:
             raise BundleError(
                 f"bundle {self.path} ({self.target}) has no {spec.op} kernel for {spec}; "
                 "rebuild it with that spec included"
             )
+        return entry
+
+    def _module(self, entry: dict[str, Any]) -> Any:
+        """The entry's library, loaded once."""
+        import tvm
+
         mod = self._modules.get(entry["file"])
         if mod is None:
             mod = self._modules[entry["file"]] = tvm.runtime.load_module(str(self.path / entry["file"]))
-        return mod[entry["symbol"]]
-
-    def time_evaluator(self, spec: KernelSpec, **kw: Any) -> Any:
-        """TVM's device-synchronised timer for ``spec``'s kernel (``number``, ``repeat``, ...)."""
-        self.kernel(spec)  # loads the module, or raises BundleError
-        entry = self.manifest["kernels"][spec_id(spec)]
-        return self._modules[entry["file"]].time_evaluator(entry["symbol"], self.device(), **kw)
+        return mod

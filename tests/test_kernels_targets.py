@@ -12,6 +12,7 @@ from edgeattn.kernels_tvm import targets as T
 from edgeattn.kernels_tvm.abi import ARGS, OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL
 from edgeattn.kernels_tvm.gpu_cases import AttentionCase, make_case, rel_err
 from edgeattn.kernels_tvm.gpu_opencl import opencl_problem
+from edgeattn.kernels_tvm.prebuilt import gpu_arch
 
 # ------------------------------------------------------------------ profiles
 
@@ -296,7 +297,7 @@ def _run_on_cuda(case: AttentionCase, op: str, decode: bool = False) -> list[np.
     import tvm
 
     dev = tvm.cuda(0)
-    arch = "sm_" + str(dev.compute_version).replace(".", "")
+    arch = gpu_arch(dev)
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
     lib = tvm.compile(gpu_kernels.build(case.spec(op).with_(decode=decode), target), target=target)
     tensors = [tvm.runtime.tensor(a, dev) for a in case.args(op)]
@@ -333,7 +334,7 @@ def test_cuda_gpu_timing_against_sdpa(capsys) -> None:
 
     case = make_case(4, 1, 256, 4096, chunk=32, budget=2048, seed=0)
     dev = tvm.cuda(0)
-    arch = "sm_" + str(dev.compute_version).replace(".", "")
+    arch = gpu_arch(dev)
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
     lines = []
     for op in (OP_SELECT, OP_SPARSE, OP_DENSE):
