@@ -231,17 +231,20 @@ class Bench:
             if length <= args.check_max_length:
                 ref = dhsa.attention(q, k, v, self.cfg)[0]
                 rec["rel_err"] = float((out - ref).abs().max() / ref.abs().max())
+
+        def dense():
+            self.dense_k(q0, k0, v0, out)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
         if baselines and "tvm-dense" in impls:
-            rec = measure("tvm-dense", lambda: self.dense_k(q0, k0, v0, out), dense_flops(length))
+            rec = measure("tvm-dense", dense, dense_flops(length))
             if length <= args.check_max_length:
-                ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[0]
+                ref = sdpa()[0]
                 rec["rel_err"] = float((out - ref).abs().max() / ref.abs().max())
         if baselines and "torch-sdpa" in impls:
-            measure(
-                "torch-sdpa",
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                dense_flops(length),
-            )
+            measure("torch-sdpa", sdpa, dense_flops(length))
         if baselines and self.ort is not None:
             feed = dict(
                 query=q.transpose(1, 2).reshape(1, length, HQ * D).numpy(),
@@ -254,11 +257,7 @@ class Bench:
             )
             measure("ort-gqa", lambda: self.ort.run(["output"], feed), dense_flops(length))
         if args.pairs and "tvm-dense" in rows and "torch-sdpa" in rows:
-            rows["tvm-dense"]["pair_ratios"] = interleaved_ratios(
-                lambda: self.dense_k(q0, k0, v0, out),
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                args.pairs,
-            )
+            rows["tvm-dense"]["pair_ratios"] = interleaved_ratios(dense, sdpa, args.pairs)
         for impl, kern in (("tvm-dhsa", self.sparse_k), ("tvm-dense", self.dense_k)):
             if impl in rows:
                 rows[impl]["schedule"] = kern.schedule_source.split(" ")[0]

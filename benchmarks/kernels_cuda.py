@@ -31,6 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import median  # noqa: E402
+
 HQ, HKV, D = 4, 1, 256
 CHUNK, SINKS, BUDGET = 32, 4, 2048
 TOL = {"float32": 1e-4, "float16": 1e-3}
@@ -160,9 +162,9 @@ def run_checks(bundle, dev) -> list[dict[str, Any]]:
     return rows
 
 
-def _median(xs) -> float:
-    xs = sorted(xs)
-    return float(xs[len(xs) // 2]) if len(xs) % 2 else float((xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2)
+def _repeats(once_s: float, budget_s: float) -> int:
+    """Timed calls that fit ``budget_s`` given one call's time, at least 3 and at most 20."""
+    return int(max(3, min(20, budget_s / max(once_s, 1e-6))))
 
 
 def time_tvm(bundle, spec, tensors, budget_s: float) -> float:
@@ -172,9 +174,8 @@ def time_tvm(bundle, spec, tensors, budget_s: float) -> float:
     bundle.kernel(spec)(*tensors)
     dev.sync()
     once = time.perf_counter() - t0
-    repeat = int(max(3, min(20, budget_s / max(once, 1e-6))))
-    res = bundle.time_evaluator(spec, number=1, repeat=repeat)(*tensors)
-    return _median(res.results)
+    res = bundle.time_evaluator(spec, number=1, repeat=_repeats(once, budget_s))(*tensors)
+    return median(res.results)
 
 
 def time_torch(fn, budget_s: float) -> float:
@@ -187,14 +188,14 @@ def time_torch(fn, budget_s: float) -> float:
     torch.cuda.synchronize()
     once = time.perf_counter() - t0
     times = []
-    for _ in range(int(max(3, min(20, budget_s / max(once, 1e-6))))):
+    for _ in range(_repeats(once, budget_s)):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
-    return _median(times)
+    return median(times)
 
 
 def time_length(bundle, dev, length: int, dtype: str, args) -> list[dict[str, Any]]:
