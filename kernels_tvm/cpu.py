@@ -10,7 +10,7 @@ serves the whole group (GQA).  Per key tile of KT keys:
 1. S^T[j, r] = K[j, :] · Qt[:, r]   GEMM, register tile JB keys × RB rows
    (Qt = the query tile transposed, pre-scaled, packed [R/RB, D, RB] once per item);
 2. softcap, masks (only on tiles that need them), online softmax vectorised over r,
-   with a polynomial exp (tirmath.fexp) — no libm call per score;
+   with a polynomial exp (tirmath.fexp_nonpos) — no libm call per score;
 3. O[r, :] = alpha[r]·O[r, :] + Σ_j P^T[j, r] V[j, :]   GEMM, register tile RI rows × DB dims,
    V read from the tile's rows packed as [D/DB, KT, DB] panels (once per tile, shared by all rows).
 

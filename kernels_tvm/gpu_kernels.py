@@ -473,7 +473,7 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
                 acc = T.alloc_buffer((2,), "float32", scope="local")
                 ld = T.alloc_buffer((un,), "float32", scope="local")
                 sv = T.alloc_buffer((2,), "float32", scope="local")  # score, q̄·μ partial
-                iv = T.alloc_buffer((5,), "int32", scope="local")  # cnt (later: flag), pos, go, used, kept
+                iv = T.alloc_buffer((5,), "int32", scope="local")  # count, pos, flag, used, kept (toplist.py)
                 h = bx // Nq
                 c = bx % Nq
                 own = c + (Nc1 - 1) - Nq

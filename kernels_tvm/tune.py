@@ -2,7 +2,7 @@
 
     python -m edgeattn.kernels_tvm.tune --target x86-host                 # dense + sparse, L = 8192
     python -m edgeattn.kernels_tvm.tune --target x86-host --op dense --length 16384 --trials 20
-    python -m edgeattn.kernels_tvm.tune --target arm-a76 --rpc 192.168.1.20:9090   # on the device (unverified)
+    python -m edgeattn.kernels_tvm.tune --target arm-a76 --rpc 192.168.1.20:9090   # timed on the device over RPC
 
 What is searched: the knobs of :class:`cpu.CpuSchedule` (query tile ``qt``, key tile ``kt``, the
 two register tiles (jb x rb) and (ri x db) limited to what fits the target's vector registers,
