@@ -78,6 +78,13 @@ def check_output(output: Path, force: bool) -> None:
             raise OutputExistsError(f"{names} already exists; pass --force to overwrite or choose another -o path")
 
 
+def check_dense_op(dense_op: str) -> None:
+    from edgeattn.export.graph import DENSE_OPS
+
+    if dense_op not in DENSE_OPS:
+        raise ExportError(f"--dense-op {dense_op!r} is unknown; choose one of {', '.join(DENSE_OPS)}")
+
+
 def check_chunking(cfg: AttentionConfig) -> None:
     """Adaptive boundaries cannot be computed inside the exported graph (yet): say so clearly."""
     if cfg.kind != "dhsa" or cfg.chunking == "fixed":
@@ -90,8 +97,9 @@ def check_chunking(cfg: AttentionConfig) -> None:
     )
 
 
-def layer_table(facts: Any, cfg: AttentionConfig, sparse: list[int]) -> list[dict[str, Any]]:
+def layer_table(facts: Any, cfg: AttentionConfig, sparse: list[int], dense_op: str = "onnx") -> list[dict[str, Any]]:
     """Per-layer attention kind for the manifest."""
+    dense_ops = {"onnx": [], "edgeattn": ["DenseFlashAttention"], "gqa": ["com.microsoft.GroupQueryAttention"]}
     rows = []
     for i, lt in enumerate(facts.layer_types):
         window = facts.sliding_window if lt == "sliding_attention" else None
@@ -101,7 +109,7 @@ def layer_table(facts: Any, cfg: AttentionConfig, sparse: list[int]) -> list[dic
                 "type": lt,
                 "attention": cfg.kind if i in sparse else "dense",
                 "window": window,
-                "ops": ["DHSAChunkSelect", "DHSASparseAttention"] if i in sparse else [],
+                "ops": ["DHSAChunkSelect", "DHSASparseAttention"] if i in sparse else dense_ops[dense_op],
             }
         )
     return rows
@@ -116,6 +124,7 @@ def export_loaded(
     all_logits: bool = False,
     force: bool = False,
     external_data: bool | None = None,
+    dense_op: str = "onnx",
 ) -> ExportResult:
     """Export an already loaded model (``edgeattn.models.LoadedModel`` or anything with .model/.name)."""
     import onnx
@@ -129,6 +138,7 @@ def export_loaded(
     check_chunking(cfg)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    check_dense_op(dense_op)
     model = loaded.model
     facts = graph.model_facts(model)  # UnsupportedModelError for other architectures
     if cfg.kind == "dense":
@@ -140,7 +150,7 @@ def export_loaded(
             raise ExportError(str(err)) from err
 
     log(f"writing the graph: {facts.family}, {facts.layers} layers, {cfg.kind} on layers {sparse or 'none'}, {dtype}")
-    spec = graph.GraphSpec(cfg=cfg, sparse_layers=sparse, dtype=dtype, all_logits=all_logits)
+    spec = graph.GraphSpec(cfg=cfg, sparse_layers=sparse, dtype=dtype, all_logits=all_logits, dense_op=dense_op)
     try:
         proto = graph.build_onnx(model, spec)
     except EdgeAttnError:
@@ -181,8 +191,10 @@ def export_loaded(
             "opset": graph.OPSET,
             "ir_version": 10,
             "dtype": dtype,
-            "custom_domain": ops.DOMAIN if sparse else None,
-            "custom_ops": [ops.OP_SELECT, ops.OP_SPARSE] if sparse else [],
+            "custom_domain": ops.DOMAIN if sparse or dense_op == "edgeattn" else None,
+            "custom_ops": ([ops.OP_SELECT, ops.OP_SPARSE] if sparse else [])
+            + ([ops.OP_DENSE] if dense_op == "edgeattn" else []),
+            "dense_op": dense_op,
             "functions_inline_for_tvm": "onnx.inliner.inline_local_functions (see export/OPS.md)",
             "boundaries": "fixed chunks computed in-graph from the total sequence length" if sparse else None,
             "logits": "all positions [B,S,V]" if all_logits else "last position [B,1,V]",
@@ -196,7 +208,7 @@ def export_loaded(
             model_name=str(loaded.name),
             model_facts=models.describe(model.config),
             attention=cfg.to_dict() if sparse else {"kind": "dense"},
-            layers=layer_table(facts, cfg, sparse),
+            layers=layer_table(facts, cfg, sparse, dense_op),
             onnx_info=info,
             files=manifest.file_entries(written),
         )
@@ -239,15 +251,17 @@ def export_model(
     all_logits: bool = False,
     force: bool = False,
     external_data: bool | None = None,
+    dense_op: str = "onnx",
 ) -> tuple[ExportResult, Any]:
     """Load ``model`` (default: the built-in Gemma 3 270M) and export it; returns (result, loaded model)."""
     from edgeattn import models
 
     check_output(Path(output), force)
     check_chunking(cfg)
+    check_dense_op(dense_op)
     log(f"loading {model or models.DEFAULT_MODEL}")
     loaded = models.load(model)
-    result = export_loaded(loaded, Path(output), cfg, layers, dtype, all_logits, force, external_data)
+    result = export_loaded(loaded, Path(output), cfg, layers, dtype, all_logits, force, external_data, dense_op)
     return result, loaded
 
 

@@ -28,12 +28,19 @@ from onnx import TensorProto, helper
 from edgeattn.config import AttentionConfig
 from edgeattn.errors import UnsupportedModelError
 from edgeattn.export import ops
-from edgeattn.export.onnx_builder import BOOL, FLOAT, INT64, OPSET, NodeBuilder
+from edgeattn.export.onnx_builder import BOOL, FLOAT, INT32, INT64, OPSET, NodeBuilder
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3_text")
 _ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 BOUNDARIES_INPUT = "dhsa_boundaries"
+# How dense and sliding-window layers are written (`edgeattn export --dense-op`):
+#   onnx      plain ONNX attention with an explicit [B,1,1,S,T] mask (any runtime; O(S*T) memory)
+#   edgeattn  one ai.edgeattn DenseFlashAttention node per layer (function body = the same masked
+#             attention; edgeattn's ort/tvm backends run the TVM dense flash kernel instead)
+#   gqa       ONNX Runtime's com.microsoft GroupQueryAttention (ORT only: its best dense baseline)
+DENSE_OPS = ("onnx", "edgeattn", "gqa")
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclass
@@ -45,6 +52,7 @@ class GraphSpec:
     dtype: str = "float32"
     all_logits: bool = False
     boundaries_input: bool = False  # adaptive chunking: boundaries come in as a graph input
+    dense_op: str = "onnx"  # one of DENSE_OPS: how the dense and sliding-window layers are written
 
 
 @dataclass
@@ -245,18 +253,25 @@ class _GemmaWriter:
         batch, seq = nb.dim(ids_shape, 0), nb.dim(ids_shape, 1)
         past = nb.dim(nb.op("Shape", "past_key_values.0.key"), 2)
         total = nb.op("Add", past, seq, hint="total_len")
-        kpos = nb.op("Reshape", nb.op("Range", zero, total, one), nb.unsqueeze(total, 0), hint="key_pos")
-        qpos = nb.op("Reshape", nb.op("Range", past, total, one), nb.unsqueeze(seq, 0), hint="query_pos")
-        q_col = nb.unsqueeze(qpos, 1)
-        causal = nb.op("LessOrEqual", nb.unsqueeze(kpos, 0), q_col)  # [S,T]
-        attn_mask = nb.op(
-            "Reshape", "attention_mask", nb.op("Concat", nb.unsqueeze(batch, 0), nb.unsqueeze(total, 0), axis=0)
-        )
-        padding = nb.unsqueeze(nb.op("Cast", attn_mask, to=BOOL), 1, 2, 3)  # [B,1,1,1,T]
-        masks = {"full_attention": nb.op("And", causal, padding, hint="mask_full")}
-        if f.sliding_window:
-            near = nb.op("Less", nb.op("Sub", q_col, nb.unsqueeze(kpos, 0)), nb.scalar_i64(f.sliding_window))
-            masks["sliding_attention"] = nb.op("And", nb.op("And", causal, near), padding, hint="mask_sliding")
+        masks: dict[str, str] = {}  # explicit [B,1,1,S,T] masks: only the plain-ONNX dense layers read them
+        if spec.dense_op == "onnx":
+            kpos = nb.op("Reshape", nb.op("Range", zero, total, one), nb.unsqueeze(total, 0), hint="key_pos")
+            qpos = nb.op("Reshape", nb.op("Range", past, total, one), nb.unsqueeze(seq, 0), hint="query_pos")
+            q_col = nb.unsqueeze(qpos, 1)
+            causal = nb.op("LessOrEqual", nb.unsqueeze(kpos, 0), q_col)  # [S,T]
+        if spec.dense_op in ("onnx", "gqa"):
+            attn_mask = nb.op(
+                "Reshape", "attention_mask", nb.op("Concat", nb.unsqueeze(batch, 0), nb.unsqueeze(total, 0), axis=0)
+            )
+        if spec.dense_op == "onnx":
+            padding = nb.unsqueeze(nb.op("Cast", attn_mask, to=BOOL), 1, 2, 3)  # [B,1,1,1,T]
+            masks["full_attention"] = nb.op("And", causal, padding, hint="mask_full")
+            if f.sliding_window:
+                near = nb.op("Less", nb.op("Sub", q_col, nb.unsqueeze(kpos, 0)), nb.scalar_i64(f.sliding_window))
+                masks["sliding_attention"] = nb.op("And", nb.op("And", causal, near), padding, hint="mask_sliding")
+        if spec.dense_op == "gqa":  # GQA reads lengths, not masks: seqlens_k = real tokens - 1 per row
+            seqlens_k = nb.op("Cast", nb.op("Sub", nb.op("ReduceSum", attn_mask, nb.i64(1), keepdims=0), one), to=INT32)
+            total_i32 = nb.op("Cast", total, to=INT32, hint="total_len_i32")
         positions_f = nb.op("Cast", "position_ids", to=FLOAT)
         rope = {lt: self.rope_tables(lt, positions_f) for lt in sorted(set(f.layer_types))}
         boundaries = None
@@ -283,13 +298,18 @@ class _GemmaWriter:
                 k = self.rmsnorm(k, p + "self_attn.k_norm.weight")
             cos, sin = rope[lt]
             q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-            k_all = nb.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
-            v_all = nb.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"])
-            if i in spec.sparse_layers:
-                attn = self.sparse_attention(q, k_all, v_all, boundaries, window, i)
+            if spec.dense_op == "gqa" and i not in spec.sparse_layers:  # [B,S,Hq*D]; writes present.i.*
+                attn = self.gqa_attention(q, k, v, i, window, seqlens_k, total_i32)
             else:
-                attn = self.dense_attention(q, k_all, v_all, masks[lt] if window else masks["full_attention"])
-            attn = nb.op("Reshape", nb.op("Transpose", attn, perm=[0, 2, 1, 3]), nb.i64(0, 0, -1))
+                k_all = nb.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])
+                v_all = nb.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"])
+                if i in spec.sparse_layers:
+                    attn = self.sparse_attention(q, k_all, v_all, boundaries, window, i)
+                elif spec.dense_op == "edgeattn":
+                    attn = self.dense_flash(q, k_all, v_all, window)
+                else:
+                    attn = self.dense_attention(q, k_all, v_all, masks[lt] if window else masks["full_attention"])
+                attn = nb.op("Reshape", nb.op("Transpose", attn, perm=[0, 2, 1, 3]), nb.i64(0, 0, -1))
             attn = nb.op("MatMul", attn, self.weight(p + "self_attn.o_proj.weight", True))
             h = nb.op("Add", h, self.rmsnorm(attn, p + "post_attention_layernorm.weight"), hint=f"h{i}_attn")
             x = self.rmsnorm(h, p + "pre_feedforward_layernorm.weight")
@@ -314,9 +334,11 @@ class _GemmaWriter:
         graph = helper.make_graph(nb.nodes, "edgeattn_gemma", inputs, outputs, initializer=nb.initializers)
         opsets = [helper.make_opsetid("", OPSET)]
         functions = []
-        if spec.sparse_layers:
+        if spec.sparse_layers or spec.dense_op == "edgeattn":
             opsets.append(helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
             functions = ops.functions()
+        if spec.dense_op == "gqa":
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="edgeattn")
         model.ir_version = 10
         return model
@@ -342,6 +364,57 @@ class _GemmaWriter:
             nb.op("Add", x, nb.op("Mul", c(0.044715), nb.op("Mul", x, nb.op("Mul", x, x)))),
         )
         return nb.op("Mul", nb.op("Mul", c(0.5), x), nb.op("Add", c(1.0), nb.op("Tanh", inner)))
+
+    def dense_flash(self, q: str, k: str, v: str, window: int | None) -> str:
+        """One ai.edgeattn DenseFlashAttention node: causal (+ window, softcap) over all keys, [B,Hq,S,D]."""
+        nb, f = self.nb, self.f
+        out = nb.op(
+            ops.OP_DENSE,
+            q,
+            k,
+            v,
+            domain=ops.DOMAIN,
+            hint="dense_out",
+            scaling=f.scaling,
+            softcap=float(f.attn_softcap or 0.0),
+            window=int(window or 0),
+        )
+        if not f.attn_softcap:
+            nb.nodes[-1].overload = ops.NO_SOFTCAP
+        return out
+
+    def gqa_attention(self, q: str, k: str, v: str, layer: int, window: int | None, seqlens: str, total: str) -> str:
+        """ONNX Runtime's GroupQueryAttention (com.microsoft): appends k, v to the past itself.
+
+        Inputs are the rotated q [B,Hq,S,D] and the new k, v [B,Hkv,S,D] (RoPE is done here, so
+        ``do_rotary`` stays 0); returns [B,S,Hq*D] and writes ``present.{layer}.key/value``.
+        ``local_window_size`` = the window (checked: query p sees keys p - window < j <= p, as in
+        transformers; window - 1 gives other logits from the first query past the window).
+        """
+        nb, f = self.nb, self.f
+
+        def packed(x: str) -> str:  # [B,H,S,D] -> [B,S,H*D]
+            return nb.op("Reshape", nb.op("Transpose", x, perm=[0, 2, 1, 3]), nb.i64(0, 0, -1))
+
+        attrs: dict[str, Any] = dict(num_heads=f.heads_q, kv_num_heads=f.heads_kv, scale=f.scaling)
+        if f.attn_softcap:
+            attrs["softcap"] = float(f.attn_softcap)
+        if window:
+            attrs["local_window_size"] = int(window)
+        out, _, _ = nb.op(
+            "GroupQueryAttention",
+            packed(q),
+            packed(k),
+            packed(v),
+            f"past_key_values.{layer}.key",
+            f"past_key_values.{layer}.value",
+            seqlens,
+            total,
+            domain=MS_DOMAIN,
+            outputs=[f"layers.{layer}.gqa_out", f"present.{layer}.key", f"present.{layer}.value"],
+            **attrs,
+        )
+        return out
 
     def sparse_attention(self, q: str, k: str, v: str, boundaries: str, window: int | None, layer: int) -> str:
         nb, f, cfg = self.nb, self.f, self.spec.cfg
@@ -381,6 +454,8 @@ class _GemmaWriter:
 def build_onnx(model: Any, spec: GraphSpec) -> onnx.ModelProto:
     """The ONNX model of ``model`` with ``spec``'s attention (weights as initializers, in memory)."""
     facts = model_facts(model)
+    if spec.dense_op not in DENSE_OPS:
+        raise ValueError(f"dense op {spec.dense_op!r} is unknown; choose one of {', '.join(DENSE_OPS)}")
     bad = [i for i in spec.sparse_layers if not 0 <= i < facts.layers]
     if bad:
         raise ValueError(f"layer indices {bad} out of range: the model has layers 0..{facts.layers - 1}")

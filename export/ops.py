@@ -36,6 +36,8 @@ DOMAIN_VERSION = 1
 # Distinctive names: TVM's frontend dispatches on op_type alone (never `Attention`).
 OP_SELECT = "DHSAChunkSelect"
 OP_SPARSE = "DHSASparseAttention"
+# Dense causal attention (optional sliding window) as one node: the kernels' dense flash ABI.
+OP_DENSE = "DenseFlashAttention"
 # Function overload of DHSASparseAttention for nodes with softcap == 0 (no capping nodes in the body).
 NO_SOFTCAP = "nosoftcap"
 
@@ -273,6 +275,66 @@ def sparse_attention_function(with_softcap: bool = True) -> onnx.FunctionProto:
     return fn
 
 
+def dense_flash_function(with_softcap: bool = True) -> onnx.FunctionProto:
+    """FunctionProto of DenseFlashAttention(q, k, v) -> out (see OPS.md).
+
+    Causal GQA attention with optional window and softcap, exactly the plain dense
+    attention the exporter writes otherwise, except that padding is not read (the op
+    has no mask input, like the kernel ABI): the body builds the [Lq, Lk] mask from
+    positions, so it is O(Lq * Lk) -- the portable path; a runtime that knows the op
+    runs the dense flash kernel, which never forms it.  ``with_softcap=False`` is the
+    overload ``nosoftcap`` (no capping nodes), as for DHSASparseAttention.
+    """
+    nb = NodeBuilder()
+    q, k, v = "q", "k", "v"
+    zero, one = nb.scalar_i64(0), nb.scalar_i64(1)
+    shape_q, shape_k = nb.op("Shape", q), nb.op("Shape", k)
+    lk = nb.dim_tensor(shape_k, 2)
+    start = nb.op("Sub", lk, nb.dim_tensor(shape_q, 2), hint="q_start")
+    tok = nb.op("Reshape", nb.op("Range", zero, lk, one), nb.op("Slice", shape_k, nb.i64(2), nb.i64(3)))
+    qpos = nb.op("Reshape", nb.op("Range", start, lk, one), nb.op("Slice", shape_q, nb.i64(2), nb.i64(3)))
+    window = nb.attr_const("window", "int")
+    q_col = nb.unsqueeze(qpos, 1)
+    causal = nb.op("LessOrEqual", nb.unsqueeze(tok, 0), q_col)  # [Lq, Lk]
+    in_window = nb.op(
+        "Or", nb.op("Less", nb.op("Sub", q_col, nb.unsqueeze(tok, 0)), window), nb.op("LessOrEqual", window, zero)
+    )
+    mask = nb.op("And", causal, in_window, hint="dense_mask")
+    group = nb.unsqueeze(nb.op("Div", nb.dim(shape_q, 1), nb.dim(shape_k, 1)), 0)
+    grouped = nb.op(
+        "Concat",
+        nb.op("Slice", shape_q, nb.i64(0), nb.i64(1)),
+        nb.op("Slice", shape_k, nb.i64(1), nb.i64(2)),
+        group,
+        nb.op("Slice", shape_q, nb.i64(2), nb.i64(4)),
+        axis=0,
+    )  # [B, Hkv, g, Lq, D]
+    scaling = nb.op("CastLike", nb.attr_const("scaling", "float"), q)
+    qg = nb.op("Reshape", q, grouped)
+    scores = nb.op("Mul", nb.op("MatMul", qg, nb.unsqueeze(nb.op("Transpose", k, perm=[0, 1, 3, 2]), 2)), scaling)
+    if with_softcap:
+        softcap = nb.op("CastLike", nb.attr_const("softcap", "float"), q)
+        capping = nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q))
+        safe_cap = nb.op("Where", capping, softcap, nb.op("CastLike", nb.const(1.0, np.float32), q))
+        capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, safe_cap)), safe_cap)
+        scores = nb.op("Where", capping, capped, scores)
+    neg_inf = nb.op("CastLike", nb.const(-np.inf, np.float32), q)
+    probs = nb.op("Softmax", nb.op("Where", mask, scores, neg_inf), axis=-1)
+    nb.op("Reshape", nb.op("MatMul", probs, nb.unsqueeze(v, 2)), shape_q, outputs=["out"])
+    fn = _function(
+        OP_DENSE,
+        ["q", "k", "v"],
+        ["out"],
+        nb,
+        {"scaling": None, "softcap": 0.0, "window": 0},
+        "Dense causal attention (GQA, optional sliding window and softcap); see export/OPS.md."
+        + ("" if with_softcap else " Overload for softcap == 0."),
+    )
+    if not with_softcap:
+        fn.overload = NO_SOFTCAP
+    return fn
+
+
 def _function(
     name: str, inputs: list[str], outputs: list[str], nb: NodeBuilder, attrs: dict, doc: str
 ) -> onnx.FunctionProto:
@@ -295,7 +357,13 @@ def _function(
 
 def functions() -> list[onnx.FunctionProto]:
     """Every ai.edgeattn function, to attach to a model (``model.functions``)."""
-    return [chunk_select_function(), sparse_attention_function(), sparse_attention_function(with_softcap=False)]
+    return [
+        chunk_select_function(),
+        sparse_attention_function(),
+        sparse_attention_function(with_softcap=False),
+        dense_flash_function(),
+        dense_flash_function(with_softcap=False),
+    ]
 
 
 def max_selected(budget: int, sinks: int, min_chunk: int) -> int:
@@ -330,7 +398,9 @@ __all__ = [
     "DOMAIN",
     "OP_SELECT",
     "OP_SPARSE",
+    "OP_DENSE",
     "chunk_select_function",
+    "dense_flash_function",
     "sparse_attention_function",
     "functions",
     "max_selected",
