@@ -28,6 +28,7 @@ import numpy as np
 from edgeattn.config import AttentionConfig, resolve_threads
 from edgeattn.errors import CorruptModelError, ModelNotFoundError
 from edgeattn.runtime.session import SessionInfo
+from edgeattn.runtime.threads import set_threads
 
 KERNELS = ("tvm", "reference")
 # bump when the exporter's output for the same options changes in a way an old cached file lacks
@@ -184,7 +185,7 @@ def open_session(
     n_threads = resolve_threads(threads)
     if kernels == "reference":
         return OrtSession(path, manifest, _WholeFile(path, n_threads), kernels)
-    os.environ["TVM_NUM_THREADS"] = str(n_threads)
+    set_threads(n_threads)  # TVM's pool reads it when it starts
     model = _load_onnx(path)
     if not any(is_edgeattn_node(n) for n in model.graph.node):  # nothing for the kernels: ORT runs it whole
         del model
