@@ -39,6 +39,9 @@ TARGET_NAME = "arm64"
 runs code built for the arm-a76 and arm-a78ae profiles (the tests do)."""
 
 
+AGENT = Path(__file__).resolve().parent / "agent.py"
+
+
 class EmulatorNotSetUpError(RuntimeError):
     """The rootfs / aarch64 site-packages are missing; the message names the set-up command."""
 
@@ -115,13 +118,31 @@ class EmulatedArm64Device:
     ``start_timeout`` defaults to a generous 300 s on a busy 2-core machine.
     """
 
-    def __init__(self, port: int | None = None, start_timeout: float = 300.0, session_timeout: float = 900.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        start_timeout: float = 300.0,
+        session_timeout: float = 900.0,
+        tracker: str | None = None,
+        key: str = "",
+        runtime_only: bool = False,
+        name: str = "arm64-emulated",
+    ) -> None:
         self.layout = emulator_layout()
         self.port = port
         self.start_timeout = start_timeout
         # the server ends a session after this many seconds: a kernel hung under emulation fails, not blocks
         self.session_timeout = session_timeout
+        # registered with a TVM RPC tracker under ``key``, the server answers only clients the tracker sent
+        # (it expects the tracker's match key), so start() then waits for the registration instead
+        self.tracker = tracker
+        self.key = key
+        # TVM_USE_RUNTIME_LIB=1: TVM's runtime library alone, as on a board (imports in ~4 s instead of ~12 s
+        # under qemu, but the remote has no compiler functions such as target.llvm_get_system_triple)
+        self.runtime_only = runtime_only
+        self.name = name
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path = Path()
         self._log_dir: tempfile.TemporaryDirectory[str] | None = None
         self._session: Any = None
 
@@ -136,30 +157,42 @@ class EmulatedArm64Device:
         self.port = self.port or _free_port()
         self._log_dir = tempfile.TemporaryDirectory(prefix="edgeattn-arm64-rpc-")
         log_path = Path(self._log_dir.name) / "rpc_server.log"
+        command = [
+            str(self.layout.wrapper),
+            str(AGENT),  # TVM's RPC server + edgeattn's probes; the file imports only tvm and numpy
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--port-end",
+            str(self.port + 1),
+            "--name",
+            self.name,
+            # spawn, not fork, the session process: forking the multi-threaded server under
+            # qemu-user sometimes left a child that never ran (a session hung for good)
+            "--no-fork",
+        ]
+        if self.tracker:
+            command += ["--tracker", self.tracker, "--key", self.key]
+        env = dict(os.environ)
+        if self.runtime_only:
+            env["TVM_USE_RUNTIME_LIB"] = "1"
+        self._log_path = log_path
         with open(log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                [
-                    str(self.layout.wrapper),
-                    "-m",
-                    "tvm.exec.rpc_server",
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(self.port),
-                    "--port-end",
-                    str(self.port + 1),
-                    # spawn, not fork, the session process: forking the multi-threaded server under
-                    # qemu-user sometimes left a child that never ran (a session hung for good)
-                    "--no-fork",
-                ],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self._log_dir.name,
+                env=env,
                 start_new_session=True,  # own process group: stop() ends the server and its workers only
                 preexec_fn=_die_with_parent,
             )
         try:
-            self._session = self._wait_until_it_answers(log_path)
+            if self.tracker:
+                self._wait_until_registered(log_path)
+            else:
+                self._session = self._wait_until_it_answers(log_path)
         except BaseException:
             self.stop()
             raise
@@ -188,6 +221,43 @@ class EmulatedArm64Device:
             f"the emulated aarch64 RPC server on {HOST}:{self.port} did not answer within {self.start_timeout:.0f} s "
             f"(last error: {last_error}); log:\n{self.log_text(log_path)}"
         )
+
+    def _wait_until_registered(self, log_path: Path) -> None:
+        from .errors import DeviceError
+        from .tracker import tracker_summary
+
+        deadline = time.monotonic() + self.start_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"the emulated RPC server exited with code {self._proc.returncode}:\n{self.log_text(log_path)}"
+                )
+            try:
+                summary = tracker_summary(str(self.tracker), timeout=5.0)
+                for item in summary.get("server_info", []):
+                    if item.get("key") == f"server:{self.key}" and int(item.get("addr", [0, 0])[1]) == self.port:
+                        return
+            except DeviceError as err:
+                last = str(err)
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"the emulated aarch64 RPC server on {HOST}:{self.port} did not register with the tracker "
+            f"{self.tracker} within {self.start_timeout:.0f} s ({last}); log:\n{self.log_text(log_path)}"
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (its process group holds its session workers), None when stopped."""
+        return self._proc.pid if self._proc is not None else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log(self) -> str:
+        """The server's log so far (its own lines and TVM's)."""
+        return self.log_text(self._log_path) if self._log_dir is not None else ""
 
     @staticmethod
     def log_text(log_path: Path) -> str:
@@ -218,7 +288,7 @@ class EmulatedArm64Device:
 
     @property
     def session(self) -> Any:
-        """The ``tvm.rpc.RPCSession`` opened by ``start`` (the server answered it)."""
+        """The ``tvm.rpc.RPCSession`` opened by ``start`` (the server answered it; None behind a tracker)."""
         if self._session is None:
             raise RuntimeError("the emulated device is not running: use `with EmulatedArm64Device() as dev:`")
         return self._session

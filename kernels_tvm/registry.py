@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import tvm
 
+from . import diskcache
+from . import targets as _targets
 from .abi import ARGS, NUM_OUTPUTS, OP_DENSE, OP_SELECT, OP_SPARSE, OPS, SYMBOL, KernelSpec, max_selected
 
 # Passes that do nothing for hand-written loop nests but cost seconds on them.
@@ -70,25 +72,9 @@ class CompiledKernel:
 # ------------------------------------------------------------------ targets
 
 
-def host_target() -> tvm.target.Target:
-    """LLVM target for this machine, with ``mcpu`` set to the host CPU (so AVX2/AVX-512/NEON are used)."""
-    from tvm.target import codegen
-
-    cpu = str(codegen.llvm_get_system_cpu())
-    desc: dict[str, Any] = {"kind": "llvm"}
-    if cpu and cpu != "generic":
-        desc["mcpu"] = cpu
-    return tvm.target.Target(desc)
-
-
-def resolve_target(target: Any = None) -> tvm.target.Target:
-    if target is None or target in ("llvm", "host", "cpu"):
-        return host_target()
-    if isinstance(target, tvm.target.Target):
-        return target
-    if isinstance(target, str) and target in ("cuda", "opencl"):
-        return tvm.target.Target({"kind": target})
-    return tvm.target.Target(target)
+# Target resolution lives in targets.py (one place for every caller); re-exported here.
+host_target = _targets.host_target
+resolve_target = _targets.resolve_target
 
 
 def target_family(target: tvm.target.Target) -> str:
@@ -167,7 +153,7 @@ def get_kernel(op: str, target: Any = None, *, compile: bool = True, **kw: Any) 
     kern = CompiledKernel(spec=spec, target=tgt, mod=mod, schedule=schedule, schedule_source=source)
     if compile:
         t0 = time.perf_counter()
-        kern.lib = compile_module(mod, tgt)
+        kern.lib = diskcache.compile_cached(mod, tgt, compile_module)
         kern.compile_s = time.perf_counter() - t0
     with _lock:
         return _cache.setdefault(key, kern)
@@ -226,6 +212,13 @@ class LayerTimes:
 def selection_width(boundaries: np.ndarray, budget: int, sinks: int) -> int:
     lens = np.diff(boundaries)
     return max_selected(budget, sinks, int(lens.min()), len(lens))
+
+
+def query_tile_for(boundaries: np.ndarray) -> int:
+    """The sparse kernel's query tile for these chunks (8, 16 or 32 queries per head): the
+    median chunk length rounded up, so a tile is not mostly padding rows (a schedule hint)."""
+    med = float(np.median(np.diff(boundaries)))
+    return next((t for t in (8, 16) if med <= t), 32)
 
 
 def run_layer(
@@ -300,8 +293,10 @@ def run_layer(
             budget=cfg.budget,
             sinks=cfg.sinks,
             normalize=cfg.kind == "dhsa",
+            local=getattr(cfg, "local", 0),
         )
-        ak = get_kernel(OP_SPARSE, target, decode=decode, sinks=cfg.sinks, **common)
+        tile = {} if decode else {"query_tile": query_tile_for(bnd)}
+        ak = get_kernel(OP_SPARSE, target, decode=decode, sinks=cfg.sinks, **tile, **common)
         bt = as_tvm(empty(bnd.shape, "int32").copy_(torch.from_numpy(bnd)))
         for b in range(bsz):
             sel_t, nsel_t = empty((hkv, nq, m), "int32"), empty((hkv, nq), "int32")
@@ -340,6 +335,7 @@ __all__ = [
     "host_target",
     "resolve_target",
     "run_layer",
+    "query_tile_for",
     "selection_width",
     "target_family",
 ]

@@ -177,6 +177,7 @@ def _cuda(name: str, arch: str, description: str, host: dict[str, Any], ship_sou
 
 
 def _static_profiles() -> list[TargetProfile]:
+    a72 = {**_ARM64, "mcpu": "cortex-a72", "num-cores": 4}
     a76 = {**_ARM64, "mcpu": "cortex-a76", "num-cores": 4}
     a78ae = {**_ARM64, "mcpu": "cortex-a78ae"}
     carmel = {**_ARM64, "mcpu": "carmel"}
@@ -187,6 +188,21 @@ def _static_profiles() -> list[TargetProfile]:
             description="generic AArch64 Linux CPU with NEON (runs on any ARMv8-A board, and the emulated device)",
             spec=dict(_ARM64),
             cross_compiler=AARCH64_GCC,
+        ),
+        TargetProfile(
+            name="arm-a72",
+            family="cpu",
+            description="Raspberry Pi 4 (4x Cortex-A72, NEON; no dotprod, no fp16 arithmetic)",
+            spec=a72,
+            cross_compiler=AARCH64_GCC,
+        ),
+        TargetProfile(
+            name="arm64-android",
+            family="cpu",
+            description="ARM CPU of an Android phone (AArch64, NEON; library linked with the NDK)",
+            spec=dict(_ARM64_ANDROID),
+            cross_compiler=NDK,
+            notes="Android has no on-device linker: the host links the .so with the NDK's clang (TVM_NDK_CC)",
         ),
         TargetProfile(
             name="arm-a76",
@@ -210,6 +226,15 @@ def _static_profiles() -> list[TargetProfile]:
             spec={"kind": "opencl", "device": "mali", **_MOBILE_OPENCL_LIMITS},
             host=dict(_ARM64),
             cross_compiler=AARCH64_GCC,
+            fp16=True,
+        ),
+        TargetProfile(
+            name="opencl-mali-android",
+            family="opencl",
+            description="ARM Mali GPU through OpenCL on an Android phone (host library linked with the NDK)",
+            spec={"kind": "opencl", "device": "mali", **_MOBILE_OPENCL_LIMITS},
+            host=dict(_ARM64_ANDROID),
+            cross_compiler=NDK,
             fp16=True,
         ),
         TargetProfile(
@@ -241,6 +266,55 @@ def get_profile(name: str) -> TargetProfile:
         if profile.name == name:
             return profile
     raise UnknownTargetError(f"unknown target {name!r}; known targets: {', '.join(PROFILE_NAMES)}")
+
+
+def host_target() -> Any:
+    """LLVM target for this machine, ``mcpu`` set to the host CPU (so AVX2/AVX-512/NEON are used).
+
+    Unlike the ``x86-host`` profile it carries no ``num-cores``: it is the target the
+    kernel registry caches and looks tuning records up under for "this CPU".
+    """
+    from tvm.target import Target
+
+    cpu = detect_host_cpu()
+    desc: dict[str, Any] = {"kind": "llvm"}
+    if cpu and cpu != "generic":
+        desc["mcpu"] = cpu
+    return Target(desc)
+
+
+HOST_ALIASES: tuple[str, ...] = ("host", "llvm", "cpu")
+"""Names that mean "this machine's CPU" wherever a target is asked for."""
+
+
+def resolve_target(target: Any = None) -> Any:
+    """The one place a target designation becomes a ``tvm.target.Target``.
+
+    Accepts None or one of :data:`HOST_ALIASES` (this CPU, :func:`host_target`), a
+    profile name (``"arm-a76"``, ``"cuda-sm87"``, ...), a bare GPU kind (``"cuda"``,
+    ``"opencl"``), a TVM target JSON dict, or a ``Target`` (returned as is).  Every
+    caller (registry, bundles, runtime, device profiles) goes through here, so a name
+    means the same target everywhere.
+    """
+    from tvm.target import Target
+
+    if target is None or (isinstance(target, str) and target in HOST_ALIASES):
+        return host_target()
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, str):
+        if target in PROFILE_NAMES:
+            return get_profile(target).target()
+        if target in ("cuda", "opencl"):
+            return Target({"kind": target})
+        try:  # a TVM tag ("nvidia/jetson-orin-nano"), a bare kind ("c") or JSON text
+            return Target(target)
+        except Exception as err:  # TVM raises its own error types here
+            raise UnknownTargetError(
+                f"unknown target {target!r}; pass a profile name ({', '.join(PROFILE_NAMES)}), "
+                f"{', '.join(HOST_ALIASES)}, cuda, opencl, a TVM tag or a TVM target JSON dict"
+            ) from err
+    return Target(target)
 
 
 def get_target(name: str) -> Any:

@@ -87,7 +87,7 @@ def profile_of(target: Any) -> str | None:
         return "x86-host"
     if triple.startswith("aarch64"):
         mcpu = str(target.attrs.get("mcpu", ""))
-        return {"cortex-a76": "arm-a76", "cortex-a78ae": "arm-a78ae"}.get(mcpu, "arm64")
+        return {"cortex-a72": "arm-a72", "cortex-a76": "arm-a76", "cortex-a78ae": "arm-a78ae"}.get(mcpu, "arm64")
     return None
 
 

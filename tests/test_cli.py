@@ -30,7 +30,7 @@ def test_every_verb_has_help() -> None:
     assert "--budget" in _run("run", "--help").output
 
 
-@pytest.mark.parametrize("verb", ["compile", "bench", "eval", "devices"])
+@pytest.mark.parametrize("verb", ["compile", "bench", "eval"])
 def test_unbuilt_verbs_say_so(verb: str) -> None:
     res = _run(verb)
     assert res.exit_code == 3
