@@ -12,20 +12,7 @@ from typing import Any
 
 from edgeattn.atomic import write_text
 from edgeattn.runtime.measure import cpu_model  # noqa: F401  (re-exported for the scripts)
-
-
-def set_threads(n: int) -> int:
-    """Use ``n`` threads in TVM (TVM_NUM_THREADS, read when its pool starts: call this first),
-    OpenMP/MKL and torch.  Returns n."""
-    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except ImportError:  # pragma: no cover
-        pass
-    return n
+from edgeattn.runtime.threads import set_threads  # noqa: F401  (re-exported for the scripts)
 
 
 def header(title: str, threads: int) -> str:

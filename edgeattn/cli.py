@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +19,18 @@ import typer
 
 from edgeattn.config import (
     ATTENTION_KINDS,
+    DEFAULT_BUDGET,
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNKING,
+    DEFAULT_LAYERS,
+    DEFAULT_MAX_CHUNK,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MIN_CHUNK,
+    DEFAULT_PROMPT_TOKENS,
     DEFAULT_SINKS,
     AttentionConfig,
     ConfigError,
+    resolve_threads,
 )
 from edgeattn.errors import EdgeAttnError, NotBuiltYetError
 
@@ -123,7 +130,10 @@ def run(
     prompt_file: Annotated[Path | None, typer.Option(help="Read the prompt from this text file.")] = None,
     synthetic_length: Annotated[
         int | None,
-        typer.Option(help="Use N tokens of real offline prose (pydoc topics, or --haystack) as the prompt."),
+        typer.Option(
+            help=f"Use N tokens of real offline prose (pydoc topics, or --haystack) as the prompt "
+            f"(default without a prompt option: {DEFAULT_PROMPT_TOKENS})."
+        ),
     ] = None,
     haystack: Annotated[
         Path | None, typer.Option(help="Folder of .txt files used as the text for --synthetic-length.")
@@ -133,44 +143,83 @@ def run(
     ] = "dense,dhsa",
     budget: Annotated[
         int, typer.Option(help="N_b: most keys a query attends to (own chunk and sinks included).")
-    ] = 512,
+    ] = DEFAULT_BUDGET,
     chunk_size: Annotated[int, typer.Option(help="Fixed chunk / block length in tokens.")] = DEFAULT_CHUNK_SIZE,
     sinks: Annotated[int, typer.Option(help="First tokens every query keeps (attention sinks).")] = DEFAULT_SINKS,
-    chunking: Annotated[str, typer.Option(help="Boundary source for DHSA: fixed, shift or predictor.")] = "fixed",
-    min_chunk: Annotated[int, typer.Option(help="Shortest chunk the shift/predictor sources may cut.")] = 8,
-    max_chunk: Annotated[int, typer.Option(help="Longest chunk the shift/predictor sources may cut.")] = 64,
+    chunking: Annotated[
+        str, typer.Option(help="Boundary source for DHSA: fixed, shift or predictor.")
+    ] = DEFAULT_CHUNKING,
+    min_chunk: Annotated[
+        int, typer.Option(help="Shortest chunk the shift/predictor sources may cut.")
+    ] = DEFAULT_MIN_CHUNK,
+    max_chunk: Annotated[
+        int, typer.Option(help="Longest chunk the shift/predictor sources may cut.")
+    ] = DEFAULT_MAX_CHUNK,
     layers: Annotated[
         str, typer.Option(help="Layers that get sparse attention: global (full-attention layers), all, or 5,11.")
-    ] = "global",
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate greedily after the prompt.")] = 32,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    ] = DEFAULT_LAYERS,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens to generate greedily after the prompt.")
+    ] = DEFAULT_MAX_NEW_TOKENS,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch, TVM and ONNX Runtime alike (default: all cores).")
+    ] = None,
     device: Annotated[str, typer.Option(help="Where to run: host (this machine).")] = "host",
     backend: Annotated[
-        str, typer.Option(help="torch (PyTorch reference); tvm arrives with the runtime issue.")
+        str,
+        typer.Option(
+            help="Comma list of torch (transformers + our attention kernels), ort (ONNX Runtime on the "
+            "exported file, ai.edgeattn ops on our kernels), tvm (the whole model compiled with TVM)."
+        ),
     ] = "torch",
+    kernels: Annotated[
+        str | None,
+        typer.Option(
+            help="Attention kernels: tvm (our TIR kernels; default where TVM imports) or reference "
+            "(PyTorch reference / ONNX function bodies)."
+        ),
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="RAM the run may use, such as 1.5GiB or 900MiB: the peak is planned first, a prompt that "
+            "does not fit is prefilled in chunks, and a model whose weights do not fit is refused."
+        ),
+    ] = None,
+    shipped: Annotated[
+        bool,
+        typer.Option(
+            "--shipped/--no-shipped",
+            help="Also run the model as shipped (transformers SDPA) as the `transformers` row.",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Prefill a prompt and generate, with dense and sparse attention side by side.
 
-    Prints prefill latency, tokens/s, peak RSS and the greedy continuation for
-    each attention kind.  Without a prompt option, 2048 tokens of real prose are used.
+    Each row is one (backend, attention) pair on the same prompt in this process: prefill latency,
+    tokens/s, speed-up over the model as shipped and over dense on the same backend, measured peak RSS
+    beside the planned peak, and decode tokens/s.  Without a prompt option, 8192 tokens of real prose.
 
     Examples:
 
-      edgeattn run                                   # built-in Gemma 3 270M, 2K tokens, dense vs DHSA
+      edgeattn run                                   # built-in Gemma 3 270M: transformers, dense, DHSA
 
-      edgeattn run --synthetic-length 8192 --budget 1024 --attention dense,dhsa,block-sparse
+      edgeattn run --synthetic-length 16384 --memory-budget 1.8GiB     # chunked prefill to fit
 
-      edgeattn run ./my-gemma2-dir --prompt-file notes.txt --json
+      edgeattn run --attention dense,dhsa,block-sparse --budget 1024 --json
+
+      edgeattn run --backend torch,ort --kernels tvm
+
+      edgeattn run ./my-gemma2-dir --prompt-file notes.txt
     """
     if device != "host":
         raise NotBuiltYetError(
             f"--device {device}: running on a remote device (RPC, Android, emulated arm64) is not built yet; "
             "it arrives with the device-connection issue. Use --device host."
         )
-    if backend != "torch":
-        raise NotBuiltYetError(f"--backend {backend}: the compiled TVM runtime is not built yet; use --backend torch.")
-    kinds = parse_kinds(attention)
+    from edgeattn.runtime import host, memory
+
     configs = [
         AttentionConfig(
             kind=k,  # type: ignore[arg-type]
@@ -181,100 +230,35 @@ def run(
             min_chunk=min_chunk,
             max_chunk=max_chunk,
         )
-        for k in kinds
+        for k in parse_kinds(attention)
     ]
-    import torch
-
-    from edgeattn import models
-    from edgeattn.runtime.torch_backend import run_one, warm_up
-
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    loaded = models.load(model)
-    ids = _prompt_ids(loaded, prompt, prompt_file, synthetic_length, haystack)
-    warm_up(loaded)
-    results = []
-    for cfg in configs:
-        _log(f"{cfg.kind}: prefill of {len(ids)} tokens ...")
-        boundary_fn = _boundary_fn(cfg, loaded)
-        results.append(run_one(loaded, ids, cfg, layers=layers, max_new_tokens=max_new_tokens, boundary_fn=boundary_fn))
-    header = {
-        "model": loaded.name,
-        "cpu": _cpu(),
-        "threads": torch.get_num_threads(),
-        "budget": budget,
-        "chunk_size": chunk_size,
-        "chunking": chunking,
-    }
+    request = host.RunRequest(
+        configs=configs,
+        model=model,
+        prompt=prompt,
+        prompt_file=prompt_file,
+        synthetic_length=synthetic_length,
+        haystack=haystack,
+        default_prompt_tokens=DEFAULT_PROMPT_TOKENS,
+        layers=layers,
+        max_new_tokens=max_new_tokens,
+        threads=resolve_threads(threads),
+        backends=[b.strip() for b in backend.split(",") if b.strip()],
+        kernels=kernels or host.kernels_available(),
+        memory_budget=memory.parse_size(memory_budget),
+        shipped_baseline=shipped,
+    )
+    header, results = host.run_on_host(request, log=_log)
     if as_json:
         typer.echo(json.dumps({**header, "results": [r.to_dict() for r in results]}, indent=2))
     else:
-        typer.echo(_run_table(header, results))
+        from edgeattn.runtime.runner import format_table
+
+        typer.echo(format_table(header, results))
 
 
 def _log(msg: str) -> None:
     typer.echo(f"[edgeattn] {msg}", err=True)
-
-
-def _cpu() -> str:
-    from edgeattn.runtime.measure import cpu_model
-
-    return cpu_model()
-
-
-def _boundary_fn(cfg: AttentionConfig, loaded: Any) -> Any:
-    if cfg.kind != "dhsa" or cfg.chunking == "fixed":
-        return None
-    if importlib.util.find_spec("edgeattn.chunking") is None:
-        raise NotBuiltYetError(f"--chunking {cfg.chunking} is not built yet; use --chunking fixed.")
-    from edgeattn import chunking
-
-    return chunking.boundary_fn_for(cfg, loaded)
-
-
-def _prompt_ids(
-    loaded: Any, prompt: str | None, prompt_file: Path | None, synthetic: int | None, haystack: Path | None
-) -> list[int]:
-    from edgeattn import text
-
-    given = [x is not None for x in (prompt, prompt_file, synthetic)]
-    if sum(given) > 1:
-        raise ConfigError("give only one of --prompt, --prompt-file, --synthetic-length")
-    tok = loaded.tokenizer
-    if tok is None:
-        raise ConfigError(f"{loaded.path} has no tokenizer files; add tokenizer.json (or use the built-in model)")
-    if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise FileNotFoundError(f"--prompt-file {prompt_file}: no such file")
-        prompt = prompt_file.read_text(errors="replace")
-    if prompt is not None:
-        ids = tok(prompt).input_ids
-        if not ids:
-            raise ConfigError("the prompt is empty")
-        return ids
-    source = text.haystack_dir(haystack) if haystack is not None else None
-    return text.token_ids(tok, synthetic or 2048, source)
-
-
-def _run_table(header: dict[str, Any], results: list[Any]) -> str:
-    lines = [
-        f"model {header['model']} | CPU {header['cpu']} | {header['threads']} threads | "
-        f"budget {header['budget']} | chunk {header['chunk_size']} ({header['chunking']})",
-        "",
-        f"{'attention':<13}{'tokens':>8}{'prefill s':>11}{'tok/s':>9}{'vs dense':>10}{'peak RSS MiB':>14}"
-        f"{'decode tok/s':>14}",
-    ]
-    dense = next((r for r in results if r.attention == "dense"), None)
-    for r in results:
-        ratio = f"{dense.prefill_s / r.prefill_s:.2f}x" if dense else "-"
-        decode = f"{r.decode_tok_s:.1f}" if r.decode_tok_s else "-"
-        lines.append(
-            f"{r.attention:<13}{r.prompt_tokens:>8}{r.prefill_s:>11.2f}{r.prefill_tok_s:>9.0f}{ratio:>10}"
-            f"{r.peak_rss_mib:>14.0f}{decode:>14}"
-        )
-    lines.append("")
-    for r in results:
-        lines.append(f"[{r.attention}] {r.continuation!r}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------- verbs built elsewhere
@@ -290,21 +274,32 @@ def _not_built(verb: str, issue: str) -> Callable[..., None]:
 
 
 def _register_external(verb: str, module: str, attr: str, issue: str) -> None:
-    """Register a verb implemented in another package, or its 'not built yet' stand-in."""
+    """Register a verb implemented in another package, or its 'not built yet' stand-in.
+
+    ``attr`` names a command function, or a ``typer.Typer`` whose subcommands
+    become ``edgeattn VERB SUB`` (e.g. ``edgeattn devices list``).
+    """
     if importlib.util.find_spec(module) is not None:
         mod = importlib.import_module(module)
         if hasattr(mod, attr):
-            app.command(verb)(friendly_errors(getattr(mod, attr)))
+            impl = getattr(mod, attr)
+            if isinstance(impl, typer.Typer):
+                app.add_typer(impl, name=verb)
+            else:
+                app.command(verb)(friendly_errors(impl))
             return
     app.command(verb)(_not_built(verb, issue))
 
 
 _register_external("export", "edgeattn.export.cli", "export_command", "the ONNX export issue")
 _register_external("calibrate", "edgeattn.calibrate", "calibrate_command", "the adaptive chunking issue")
-app.command("compile")(_not_built("compile", "the whole-model TVM runtime issue"))
+_register_external("compile", "edgeattn.runtime.compile_cli", "compile_command", "the whole-model TVM compile issue")
+_register_external(
+    "devices", "edgeattn.devices.cli", "devices_app", "the devices issue (RPC, tracker, Android, Pi, Jetson)"
+)
+_register_external("serve", "edgeattn.devices.cli", "serve_command", "the devices issue (device agent)")
 app.command("bench")(_not_built("bench", "the benchmark issue (DHSA vs dense vs llama.cpp on a device)"))
 app.command("eval")(_not_built("eval", "the accuracy evaluation issue (needle-in-a-haystack, LongBench-style)"))
-app.command("devices")(_not_built("devices", "the device-connection issue (RPC, tracker, Android, emulated arm64)"))
 
 
 def main() -> None:

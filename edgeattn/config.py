@@ -20,6 +20,32 @@ CHUNKING_KINDS: tuple[str, ...] = ("fixed", "shift", "predictor")
 DEFAULT_CHUNK_SIZE = 32
 DEFAULT_BUDGET = 2048
 DEFAULT_SINKS = 4
+DEFAULT_MIN_CHUNK = 8
+DEFAULT_MAX_CHUNK = 64
+DEFAULT_LOCAL = 0  # DHSA's local band (AttentionConfig.local); see edgeattn/dhsa.py
+
+# Option defaults shared by every verb (run, export, compile, bench, eval): each
+# CLI option reads its default from here, so `run` and `export` cannot drift apart.
+DEFAULT_CHUNKING = "fixed"
+DEFAULT_LAYERS = "global"
+DEFAULT_PROMPT_TOKENS = 8192  # `edgeattn run` without a prompt: long enough that budget 2048 is L/4
+DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_KERNELS = "tvm"  # where TVM imports; "reference" is the PyTorch / ONNX-function-body path
+
+
+def resolve_threads(threads: int | None) -> int:
+    """`--threads` in every verb: the CPU threads of torch, TVM's pool and ONNX Runtime alike.
+
+    None means all cores.  TVM reads TVM_NUM_THREADS when its pool starts, so
+    the runtime sets it from this value before the first kernel runs.
+    """
+    import os
+
+    if threads is None:
+        return os.cpu_count() or 1
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    return threads
 
 
 class ConfigError(ValueError):
@@ -40,8 +66,9 @@ class AttentionConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     sinks: int = DEFAULT_SINKS
     chunking: ChunkingKind = "fixed"
-    min_chunk: int = 8
-    max_chunk: int = 64
+    min_chunk: int = DEFAULT_MIN_CHUNK
+    max_chunk: int = DEFAULT_MAX_CHUNK
+    local: int = DEFAULT_LOCAL  # band of recent keys (tokens before the own chunk) always kept; 0: off
 
     def __post_init__(self) -> None:
         if self.kind not in ATTENTION_KINDS:
@@ -52,6 +79,8 @@ class AttentionConfig:
             raise ConfigError(f"chunk size must be >= 1, got {self.chunk_size}")
         if self.sinks < 0:
             raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
+        if self.local < 0:
+            raise ConfigError(f"local band must be >= 0 tokens, got {self.local}")
         if not 1 <= self.min_chunk <= self.max_chunk:
             raise ConfigError(
                 f"need 1 <= min_chunk <= max_chunk, got min_chunk={self.min_chunk}, max_chunk={self.max_chunk}"

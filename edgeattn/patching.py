@@ -25,6 +25,8 @@ _CFG_ATTR = "edgeattn_config"
 _BOUNDARY_ATTR = "edgeattn_boundaries"
 _PREVIOUS_ATTR = "edgeattn_previous_impl"
 _CAPTURE_ATTR = "edgeattn_capture"
+_KERNELS_ATTR = "edgeattn_kernels"
+KERNELS = ("reference", "tvm")
 
 # A boundary source: (keys [B, Hkv, L, D], layer module) -> boundaries [Nc+1] (int64).
 BoundaryFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -47,27 +49,39 @@ def _edgeattn_attention(
     if captured is not None:
         captured.append(CapturedAttention(query, key, value, scaling, sliding_window, softcap))
     if cfg is None:
-        return _previous(module)(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            **kwargs,
-        )
+        if getattr(module, _KERNELS_ATTR, "reference") == "tvm":
+            cfg = AttentionConfig(kind="dense")  # every layer on our kernels: dense flash with the layer's window
+        else:
+            return _previous(module)(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                sliding_window=sliding_window,
+                softcap=softcap,
+                **kwargs,
+            )
     if attention_mask is not None and _hides_causal_keys(attention_mask, query.shape[2], key.shape[2], sliding_window):
         raise NotImplementedError(
             "sparse attention layers do not support padded batches; run one sequence at a time (batch size 1)"
         )
     boundary_fn: BoundaryFn | None = getattr(module, _BOUNDARY_ATTR, None)
     boundaries = boundary_fn(key, module) if boundary_fn is not None and cfg.kind == "dhsa" else None
-    out = dhsa.attention(
-        query, key, value, cfg, scaling=scaling, softcap=softcap, window=sliding_window, boundaries=boundaries
-    )
+    if getattr(module, _KERNELS_ATTR, "reference") == "tvm":
+        from edgeattn.kernels_tvm import registry
+
+        # [B, Lq, Hq, D] storage viewed as [B, Hq, Lq, D] is not contiguous per head, so the
+        # kernel writes its own [B, Hq, Lq, D] output and one transpose-copy follows (as SDPA's does)
+        out = registry.run_layer(
+            query, key, value, cfg, boundaries, scaling=scaling, softcap=softcap, window=sliding_window
+        )
+    else:
+        out = dhsa.attention(
+            query, key, value, cfg, scaling=scaling, softcap=softcap, window=sliding_window, boundaries=boundaries
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -122,6 +136,8 @@ def _previous(module: torch.nn.Module) -> Callable[..., Any]:
 
 def _hides_causal_keys(mask: torch.Tensor, q_len: int, k_len: int, window: int | None) -> bool:
     """True when the model's mask hides keys that causality allows, i.e. the batch is padded."""
+    if mask.dim() == 2:  # the flash-attention mask builder's [B, T] padding mask (tvm kernels)
+        return not bool(mask.all())
     if mask.dim() != 4 or mask.shape[-1] != k_len:
         return False
     allowed = dhsa.causal_mask(q_len, k_len, window, mask.device)
@@ -129,16 +145,24 @@ def _hides_causal_keys(mask: torch.Tensor, q_len: int, k_len: int, window: int |
     return bool((allowed & ~visible).any())
 
 
-def _register(previous: str) -> str:
+def _register(previous: str, kernels: str = "reference") -> str:
     """Register the attention function under a name whose masks match ``previous``.
 
     transformers builds each layer's mask by the implementation's name; layers
     we leave alone must get the masks their own implementation expects
-    (SDPA's or eager's), so there is one registered name per fallback.
+    (SDPA's or eager's), so there is one registered name per fallback.  When
+    every layer runs on our kernels no layer reads a mask: the name gets the
+    flash-attention mask builder, which returns None for an unpadded batch, so
+    transformers never builds the L x L masks (1 GiB each at 32K) at all.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    if kernels == "tvm":
+        name = f"{IMPL_NAME}_tvm"
+        AttentionInterface.register(name, _edgeattn_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+        return name
     name = IMPL_NAME if previous == "sdpa" else f"{IMPL_NAME}_{previous}"
     AttentionInterface.register(name, _edgeattn_attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
@@ -177,12 +201,20 @@ def patch(
     cfg: AttentionConfig,
     layers: str | Iterable[int] = "global",
     boundary_fn: BoundaryFn | None = None,
+    kernels: str = "reference",
 ) -> list[int]:
     """Make ``layers`` of ``model`` use ``cfg``; other layers keep their attention.
 
+    ``kernels="reference"`` computes ``cfg`` with the PyTorch reference
+    (:mod:`edgeattn.dhsa`) and leaves the other layers to transformers;
+    ``kernels="tvm"`` runs *every* layer on the TIR kernels of
+    ``kernels_tvm`` (zero-copy through DLPack): ``layers`` with ``cfg``, the
+    others with the dense flash kernel and their own sliding window.
     Returns the patched layer indices.  Calling it again replaces the previous
     patch (layers not listed go back to the original attention).
     """
+    if kernels not in KERNELS:
+        raise ConfigError(f"--kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     chosen = parse_layers(layers, model.config)
     impl = model.config._attn_implementation
     previous = getattr(model, _PREVIOUS_ATTR, None) or impl
@@ -195,7 +227,8 @@ def patch(
         setattr(module, _PREVIOUS_ATTR, previous)
         setattr(module, _CFG_ATTR, cfg if i in chosen else None)
         setattr(module, _BOUNDARY_ATTR, boundary_fn if i in chosen else None)
-    _set_impl(model, _register(previous))
+        setattr(module, _KERNELS_ATTR, kernels)
+    _set_impl(model, _register(previous, kernels))
     return chosen
 
 
@@ -210,7 +243,7 @@ def unpatch(model: Any) -> None:
     if previous is None:
         return
     for module in attention_modules(model):
-        for attr in (_CFG_ATTR, _BOUNDARY_ATTR, _PREVIOUS_ATTR):
+        for attr in (_CFG_ATTR, _BOUNDARY_ATTR, _PREVIOUS_ATTR, _KERNELS_ATTR):
             if hasattr(module, attr):
                 delattr(module, attr)
     _set_impl(model, previous)

@@ -1,88 +1,97 @@
-"""The host backend in PyTorch: prefill + greedy decode of a patched model, measured.
+"""The host backend in PyTorch: transformers runs the standard ops, attention runs where we say.
 
-Every attention kind is run on the same prompt in the same process, so DHSA's
-figures always stand next to dense ones taken minutes apart on the same CPU.
+Three ways to compute the same model, so the report can separate the gain from
+sparsity from the gain from our kernels:
+
+* ``transformers`` -- the model exactly as shipped (SDPA with explicit masks in
+  the sliding layers); the baseline is never our own code;
+* ``kernels="tvm"`` -- every attention layer on the TIR kernels of
+  ``kernels_tvm`` through DLPack: the sparse layers with DHSA / block-sparse,
+  the others on the dense flash kernel with their sliding window;
+* ``kernels="reference"`` -- the sparse layers on the PyTorch reference
+  (``edgeattn.dhsa``), the others as shipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from edgeattn import patching
 from edgeattn.config import AttentionConfig
-from edgeattn.runtime.measure import MIB, PeakRSS, Timer
+from edgeattn.runtime.session import SessionInfo
 
 
-@dataclass
-class RunResult:
-    attention: str
-    prompt_tokens: int
-    prefill_s: float
-    prefill_tok_s: float
-    peak_rss_mib: float
-    prefill_extra_mib: float
-    new_tokens: int
-    decode_tok_s: float | None
-    continuation: str
-    layers: list[int]
+class TorchSession:
+    """A loaded transformers model with one attention configuration and a DynamicCache."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __init__(
+        self,
+        loaded: Any,
+        cfg: AttentionConfig,
+        *,
+        kernels: str = "tvm",
+        layers: str = "global",
+        boundary_fn: Callable[..., Any] | None = None,
+        as_shipped: bool = False,
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.cfg = cfg
+        self._as_shipped = as_shipped
+        if as_shipped:
+            self.layers: list[int] = []
+            self.info = SessionInfo(backend="transformers", attention="dense", kernels="sdpa")
+        else:
+            self.layers = patching.parse_layers(layers, self.model.config)
+            self.info = SessionInfo(backend="torch", attention=cfg.kind, kernels=kernels)
+        self._kernels = kernels
+        self._layers_spec = layers
+        self._boundary_fn = boundary_fn
+        self._cache: Any = None
+        self._cached = 0
 
+    def _patch(self) -> None:
+        # patched per call: several sessions may share one model object, one at a time
+        if self._as_shipped:
+            patching.unpatch(self.model)
+        elif self.cfg.kind == "dense" and self._kernels == "reference":
+            patching.unpatch(self.model)  # the reference's dense attention is the model's own
+        else:
+            patching.patch(self.model, self.cfg, self._layers_spec, self._boundary_fn, kernels=self._kernels)
 
-def warm_up(loaded: Any, n_tokens: int = 64) -> None:
-    """One short untimed forward pass, so the first measured kind does not pay one-time costs
-    (allocator growth, kernel selection) that the others would not."""
-    ids = torch.zeros(1, n_tokens, dtype=torch.long)
-    with torch.inference_mode():
-        loaded.model(input_ids=ids, logits_to_keep=1)
+    def append(self, ids: Sequence[int]) -> np.ndarray:
+        if not len(ids):
+            raise ValueError("append() needs at least one token")
+        from transformers import DynamicCache
 
+        if self._cache is None:
+            self._cache = DynamicCache(config=self.model.config)
+        self._patch()
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([list(ids)], dtype=torch.long),
+                    cache=self._cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        finally:
+            patching.unpatch(self.model)
+        self._cached += len(ids)
+        return out.logits[0, -1].float().numpy()
 
-def run_one(
-    loaded: Any,
-    input_ids: list[int],
-    cfg: AttentionConfig,
-    layers: str = "global",
-    max_new_tokens: int = 32,
-    boundary_fn: Callable[..., Any] | None = None,
-) -> RunResult:
-    """Prefill ``input_ids`` with ``cfg`` on ``layers``, then greedy-decode ``max_new_tokens``."""
-    model = loaded.model
-    # dense is the model exactly as shipped: the baseline is never our own code
-    patched = patching.patch(model, cfg, layers, boundary_fn=boundary_fn) if cfg.kind != "dense" else []
-    ids = torch.tensor([input_ids], dtype=torch.long)
-    try:
-        with torch.inference_mode(), PeakRSS() as mem:
-            with Timer() as t_prefill:
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            generated = [int(out.logits[0, -1].argmax())]
-            cache = out.past_key_values
-            with Timer() as t_decode:
-                for _ in range(max_new_tokens - 1):
-                    step = torch.tensor([[generated[-1]]], dtype=torch.long)
-                    out = model(input_ids=step, cache=cache, use_cache=True)
-                    cache = out.past_key_values
-                    generated.append(int(out.logits[0, -1].argmax()))
-                    if generated[-1] == loaded.config.eos_token_id:
-                        break
-    finally:
-        patching.unpatch(model)
-    generated = generated[:max_new_tokens]
-    n_decoded = len(generated) - 1
-    text = loaded.tokenizer.decode(generated, skip_special_tokens=True) if loaded.tokenizer else str(generated)
-    return RunResult(
-        attention=cfg.kind,
-        prompt_tokens=len(input_ids),
-        prefill_s=t_prefill.seconds,
-        prefill_tok_s=len(input_ids) / t_prefill.seconds,
-        peak_rss_mib=mem.peak / MIB,
-        prefill_extra_mib=mem.extra / MIB,
-        new_tokens=len(generated),
-        decode_tok_s=(n_decoded / t_decode.seconds) if n_decoded > 0 and t_decode.seconds > 0 else None,
-        continuation=text,
-        layers=patched,
-    )
+    def reset(self) -> None:
+        self._cache = None
+        self._cached = 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cached
+
+    def close(self) -> None:
+        self.reset()
+        patching.unpatch(self.model)

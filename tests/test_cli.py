@@ -115,7 +115,6 @@ def test_model_without_tokenizer(tiny_dir: Path) -> None:
         (["--budget", "8"], "--budget >= 36"),
         (["--chunking", "magic"], "unknown chunking"),
         (["--device", "android"], "not built yet"),
-        (["--backend", "tvm"], "not built yet"),
         (["--prompt", "hi", "--synthetic-length", "5"], "only one of"),
     ],
 )

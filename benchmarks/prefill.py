@@ -1,0 +1,176 @@
+"""End-to-end prefill of the default model: transformers as shipped, dense on our kernels, DHSA, per backend.
+
+Every (row, length) runs in its own child process -- the same `edgeattn run`
+machinery (``edgeattn.runtime.host``), one row at a time -- so each peak RSS is
+that run's alone and no row inherits another's allocator state.  Per length the
+table also gives the FLOPs of dense and DHSA prefill (GEMMs + attention) and
+their ratio: the most a sparse global layer can buy when the MLPs stay dense.
+
+    python benchmarks/prefill.py --lengths 4K,8K,16K,32K --json benchmarks/results/prefill.json
+    python benchmarks/prefill.py --lengths 16K --rows transformers,torch-dense,torch-dhsa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, header, set_threads, table, write_json  # noqa: E402
+
+# row name -> (backend, attention, kernels); "transformers" is the model as shipped
+ROWS: dict[str, tuple[str, str, str]] = {
+    "transformers": ("transformers", "dense", "sdpa"),
+    "torch-dense": ("torch", "dense", "tvm"),
+    "torch-dhsa": ("torch", "dhsa", "tvm"),
+    "torch-dhsa-ref": ("torch", "dhsa", "reference"),
+    "ort-dense": ("ort", "dense", "tvm"),
+    "ort-gqa": ("ort", "dense", "gqa"),  # ORT's own best dense: GroupQueryAttention in every layer
+    "ort-dhsa": ("ort", "dhsa", "tvm"),
+    "tvm-dense": ("tvm", "dense", "tvm"),
+    "tvm-dhsa": ("tvm", "dhsa", "tvm"),
+}
+DEFAULT_ROWS = "transformers,torch-dense,torch-dhsa,ort-gqa,ort-dense,ort-dhsa"
+
+COLUMNS = [
+    ("length", "tokens"),
+    ("row", "row"),
+    ("prefill_s", "prefill s"),
+    ("tok_s", "tok/s"),
+    ("vs_shipped", "x transformers"),
+    ("vs_dense", "x dense (same backend)"),
+    ("flop_ratio", "dense/DHSA FLOPs"),
+    ("of_flop_ratio", "speed-up / FLOP ratio"),
+    ("peak_rss_mib", "peak RSS MiB"),
+    ("planned_peak_mib", "planned MiB"),
+]
+
+
+def parse_lengths(spec: str) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        part = part.strip().upper()
+        if part:
+            out.append(int(part[:-1]) * 1024 if part.endswith("K") else int(part))
+    return out
+
+
+def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One (row, length) in this process: what the parent's child process prints as JSON."""
+    set_threads(args.threads)
+    from edgeattn import models
+    from edgeattn.config import AttentionConfig
+    from edgeattn.runtime.flops import prefill_flops
+    from edgeattn.runtime.host import RunRequest, run_on_host
+
+    backend, attention, kernels = ROWS[row]
+    cfg = AttentionConfig(kind=attention, budget=args.budget, chunk_size=args.chunk_size)  # type: ignore[arg-type]
+    req = RunRequest(
+        configs=[] if backend == "transformers" else [cfg],
+        synthetic_length=length,
+        max_new_tokens=args.new_tokens,
+        threads=args.threads,
+        backends=[] if backend == "transformers" else [backend],
+        kernels="tvm" if kernels in ("sdpa", "gqa") else kernels,
+        shipped_baseline=backend == "transformers",
+        ort_dense_op="gqa" if kernels == "gqa" else None,
+    )
+    loaded = models.load()
+    _, (res,) = run_on_host(req, loaded=loaded)
+    sparse = models.global_layers(loaded.config) if attention != "dense" else []
+    flops = prefill_flops(loaded.config, length, sparse, args.budget if sparse else None)
+    return {
+        "row": row,
+        "backend": res.backend,
+        "attention": res.attention,
+        "kernels": res.kernels,
+        "length": length,
+        "prefill_s": res.prefill_s,
+        "tok_s": res.tok_s,
+        "decode_tok_s": res.decode_tok_s,
+        "peak_rss_mib": res.peak_rss_mib,
+        "planned_peak_mib": res.planned_peak_mib,
+        "flops": flops["total"],
+        "flops_gemm": flops["gemm"],
+        "flops_attention": flops["attention"],
+        "threads": args.threads,
+        "cpu": cpu_model(),
+        "budget": args.budget if sparse else None,
+        "chunk_size": args.chunk_size if sparse else None,
+        "first_token": res.token_ids[0] if res.token_ids else None,
+    }
+
+
+def run_isolated(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", f"{row}:{length}", "--threads", str(args.threads)]
+    cmd += ["--budget", str(args.budget), "--chunk-size", str(args.chunk_size), "--new-tokens", str(args.new_tokens)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"row": row, "length": length, "error": " / ".join(tail) or f"exit {proc.returncode}"}
+    rec = json.loads(lines[-1])
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    """Speed-ups against the model as shipped and against dense on the same backend, same length."""
+    by = {(r["length"], r["row"]): r for r in records if "error" not in r}
+    for r in records:
+        if "error" in r:
+            continue
+        shipped = by.get((r["length"], "transformers"))
+        dense = by.get((r["length"], f"{r['backend']}-dense"))
+        r["vs_shipped"] = shipped["prefill_s"] / r["prefill_s"] if shipped else None
+        r["vs_dense"] = dense["prefill_s"] / r["prefill_s"] if dense and r["attention"] != "dense" else None
+        if dense and r["attention"] != "dense":
+            r["flop_ratio"] = dense["flops"] / r["flops"]
+            r["of_flop_ratio"] = r["vs_dense"] / r["flop_ratio"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="4K,8K,16K,32K", help="prompt lengths (K = 1024)")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma list of {', '.join(ROWS)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=int, default=2048, help="DHSA budget N_b")
+    p.add_argument("--chunk-size", type=int, default=32, help="DHSA chunk length")
+    p.add_argument("--new-tokens", type=int, default=4, help="greedy tokens after the prefill (decode is timed too)")
+    p.add_argument("--json", metavar="PATH", help="write the records here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        row, length = args.child.split(":")
+        print(json.dumps(run_child(row, int(length), args)))
+        return 0
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        p.error(f"unknown rows {bad}; choose from {', '.join(ROWS)}")
+    print(header("End-to-end prefill, Gemma 3 270M (fp32), each row in its own process", args.threads), flush=True)
+    records = []
+    for length in parse_lengths(args.lengths):
+        for row in rows:
+            rec = run_isolated(row, length, args)
+            records.append(rec)
+            status = rec.get("error") or f"{rec['prefill_s']:.2f} s, peak {rec['peak_rss_mib']:.0f} MiB"
+            print(f"  {row} @ {length}: {status}", file=sys.stderr, flush=True)
+    add_ratios(records)
+    print(table([r for r in records if "error" not in r], COLUMNS))
+    for r in records:
+        if "error" in r:
+            print(f"{r['row']} @ {r['length']}: failed: {r['error']}")
+    if args.json:
+        write_json(args.json, records, {"threads": args.threads, "command": " ".join(sys.argv)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

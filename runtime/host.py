@@ -1,0 +1,192 @@
+"""`edgeattn run` on this machine: plan, load, open one session per row, run them, report.
+
+The CLI parses options into a :class:`RunRequest` and prints what
+:func:`run_on_host` returns; everything between lives here.  Checks that can
+fail without allocating anything (context length, the memory budget against
+the weights) run before the model is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeattn.config import DEFAULT_KERNELS, AttentionConfig, ConfigError
+from edgeattn.runtime import memory
+from edgeattn.runtime.measure import rss_bytes
+from edgeattn.runtime.runner import RunResult, report_header, run_session
+
+BACKENDS = ("torch", "ort", "tvm")
+
+
+@dataclass
+class RunRequest:
+    """Everything `edgeattn run` was asked, already parsed."""
+
+    configs: list[AttentionConfig]
+    model: str | None = None
+    prompt: str | None = None
+    prompt_file: Path | None = None
+    synthetic_length: int | None = None
+    haystack: Path | None = None
+    default_prompt_tokens: int = 8192
+    layers: str = "global"
+    max_new_tokens: int = 32
+    threads: int = 1
+    backends: list[str] = field(default_factory=lambda: ["torch"])
+    kernels: str = DEFAULT_KERNELS
+    memory_budget: int | None = None
+    shipped_baseline: bool = True  # add the model as shipped (transformers SDPA) as a row
+    ort_dense_op: str | None = None  # export option for the ort backend's dense layers (None: by --kernels)
+
+
+def kernels_available() -> str:
+    """'tvm' when TVM imports here, else 'reference' (the report header says which ran)."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "tvm"
+
+
+def _check_request(req: RunRequest) -> None:
+    from edgeattn.patching import KERNELS
+
+    if req.kernels not in KERNELS:
+        raise ConfigError(f"--kernels must be one of {', '.join(KERNELS)}, got {req.kernels!r}")
+    for b in req.backends:
+        if b not in BACKENDS:
+            raise ConfigError(f"--backend takes a comma list of {', '.join(BACKENDS)}; got {b!r}")
+    if req.synthetic_length is not None and req.synthetic_length < 1:
+        raise ConfigError(f"--synthetic-length must be >= 1, got {req.synthetic_length}")
+    given = [x is not None for x in (req.prompt, req.prompt_file, req.synthetic_length)]
+    if sum(given) > 1:
+        raise ConfigError("give only one of --prompt, --prompt-file, --synthetic-length")
+    if req.prompt_file is not None and not req.prompt_file.is_file():
+        raise FileNotFoundError(f"--prompt-file {req.prompt_file}: no such file")
+
+
+def prompt_ids(req: RunRequest, tokenizer: Any, path: Path) -> list[int]:
+    from edgeattn import text
+
+    if tokenizer is None:
+        raise ConfigError(f"{path} has no tokenizer files; add tokenizer.json (or use the built-in model)")
+    prompt = req.prompt_file.read_text(errors="replace") if req.prompt_file is not None else req.prompt
+    if prompt is not None:
+        ids = tokenizer(prompt).input_ids
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        return ids
+    source = text.haystack_dir(req.haystack) if req.haystack is not None else None
+    return text.token_ids(tokenizer, req.synthetic_length or req.default_prompt_tokens, source)
+
+
+def run_on_host(
+    req: RunRequest, log: Callable[[str], None] = lambda _m: None, loaded: Any = None
+) -> tuple[dict[str, Any], list[RunResult]]:
+    """Run every (backend, attention) row of ``req`` on this machine, in one process.
+
+    ``loaded`` reuses a model already in memory (tests, benchmarks) instead of loading ``req.model``.
+    """
+    from transformers import AutoConfig
+
+    from edgeattn import models
+    from edgeattn.runtime.threads import set_threads
+
+    _check_request(req)
+    set_threads(req.threads)
+    path = loaded.path if loaded is not None else models.resolve(req.model)
+    models.check_hf_dir(path)
+    hf_config = AutoConfig.from_pretrained(str(path))
+    fp = memory.footprint_of(hf_config, kernels=req.kernels)
+    if req.synthetic_length is not None:  # known before loading: refuse 10M tokens before allocating them
+        memory.check_context(fp, req.synthetic_length, req.max_new_tokens)
+    memory.check_weights_fit(fp, rss_bytes(), req.memory_budget)
+
+    loaded = loaded if loaded is not None else models.load(req.model)
+    ids = prompt_ids(req, loaded.tokenizer, path)
+    memory.check_context(fp, len(ids), req.max_new_tokens)
+    granularity = max((c.chunk_size for c in req.configs), default=1)
+    header = report_header(
+        loaded.name,
+        req.threads,
+        req.memory_budget,
+        budget=req.configs[0].budget if req.configs else None,
+        chunk_size=req.configs[0].chunk_size if req.configs else None,
+        chunking=req.configs[0].chunking if req.configs else None,
+        kernels=req.kernels,
+        layers=req.layers,
+    )
+    results: list[RunResult] = []
+    for session, layers in _sessions(req, loaded):
+        row_fp = memory.footprint_of(hf_config, backend=session.info.backend, kernels=session.info.kernels)
+
+        def plan(resident: int, row_fp: memory.Footprint = row_fp, info: Any = session.info) -> memory.MemoryPlan:
+            made = memory.plan_run(row_fp, len(ids), req.max_new_tokens, resident, req.memory_budget, granularity)
+            log(f"{info.backend}/{info.attention} ({info.kernels}): {made.describe()}")
+            return made
+
+        try:
+            row = run_session(
+                session,
+                ids,
+                plan,
+                req.max_new_tokens,
+                vocab=hf_config.vocab_size,
+                eos=loaded.config.eos_token_id,
+                decode_text=(lambda t: loaded.tokenizer.decode(t, skip_special_tokens=True)),
+                layers=layers,
+            )
+        finally:
+            session.close()
+        if req.memory_budget and row.peak_rss_mib * memory.MIB > req.memory_budget:
+            log(
+                f"warning: measured peak {row.peak_rss_mib:.0f} MiB exceeded the budget "
+                f"{req.memory_budget / memory.MIB:.0f} MiB (plan {row.planned_peak_mib:.0f} MiB)"
+            )
+        results.append(row)
+    return header, results
+
+
+def _sessions(req: RunRequest, loaded: Any):
+    """(session, sparse layers) per report row, opened one at a time (each holds its own state)."""
+    from edgeattn.runtime.torch_backend import TorchSession
+
+    if req.shipped_baseline:
+        yield TorchSession(loaded, AttentionConfig(kind="dense"), as_shipped=True), []
+    for backend in req.backends:
+        for cfg in req.configs:
+            boundary_fn = _boundary_fn(cfg, loaded)
+            if backend == "torch":
+                s = TorchSession(loaded, cfg, kernels=req.kernels, layers=req.layers, boundary_fn=boundary_fn)
+                yield s, (s.layers if cfg.kind != "dense" else [])
+            elif backend == "ort":
+                yield _ort_session(req, loaded, cfg), []
+            else:
+                yield _tvm_session(req, loaded, cfg), []
+
+
+def _boundary_fn(cfg: AttentionConfig, loaded: Any) -> Any:
+    if cfg.kind != "dhsa" or cfg.chunking == "fixed":
+        return None
+    from edgeattn import chunking
+
+    return chunking.boundary_fn_for(cfg, loaded)
+
+
+def _ort_session(req: RunRequest, loaded: Any, cfg: AttentionConfig) -> Any:
+    from edgeattn.runtime import ort_backend
+
+    # on our kernels the dense and sliding layers are DenseFlashAttention nodes too: no L x L mask anywhere
+    dense_op = req.ort_dense_op or ("edgeattn" if req.kernels == "tvm" else "onnx")
+    path = ort_backend.cached_export(loaded, cfg, layers=req.layers, dense_op=dense_op)
+    return ort_backend.open_session(path, kernels=req.kernels, threads=req.threads)
+
+
+def _tvm_session(req: RunRequest, loaded: Any, cfg: AttentionConfig) -> Any:
+    from edgeattn.runtime import ort_backend, tvm_backend
+
+    path = ort_backend.cached_export(loaded, cfg, layers=req.layers)
+    return tvm_backend.open_session(path, threads=req.threads)

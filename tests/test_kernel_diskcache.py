@@ -1,0 +1,55 @@
+"""Host kernels are cached on disk by the hash of their code: reused when equal, rebuilt when damaged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeattn.config import AttentionConfig
+from edgeattn.kernels_tvm import diskcache, registry
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEATTN_CACHE", str(tmp_path))
+    registry.clear_cache()
+    yield tmp_path / "kernels"
+    registry.clear_cache()
+
+
+def test_second_compile_loads_the_cached_library(kernel_cache) -> None:
+    q, k, v = torch.randn(1, 4, 150, 32), torch.randn(1, 2, 150, 32), torch.randn(1, 2, 150, 32)
+    cfg = AttentionConfig(kind="dense")
+    first = registry.run_layer(q, k, v, cfg, window=40)
+    files = sorted(kernel_cache.glob("*.so"))
+    assert len(files) == 1
+    registry.clear_cache()
+    again = registry.run_layer(q, k, v, cfg, window=40)
+    assert sorted(kernel_cache.glob("*.so")) == files  # loaded, not rebuilt under a new name
+    np.testing.assert_array_equal(first.numpy(), again.numpy())
+
+
+def test_a_damaged_library_is_rebuilt(kernel_cache) -> None:
+    """Never trusted, never fatal: a garbage file under the right key is replaced by a fresh build."""
+    from edgeattn.kernels_tvm.abi import OP_DENSE
+
+    kw = dict(heads_q=2, heads_kv=1, head_dim=32, window=24)
+    ref = registry.get_kernel(OP_DENSE, compile=False, **kw)
+    path = kernel_cache / f"{diskcache.key_of(ref.mod, ref.target)}.so"
+    kernel_cache.mkdir(parents=True)
+    path.write_bytes(b"\x7fELF garbage")
+    kern = registry.get_kernel(OP_DENSE, **kw)
+    q, k, v = torch.randn(2, 70, 32), torch.randn(1, 70, 32), torch.randn(1, 70, 32)
+    out = registry.empty((2, 70, 32))
+    kern(q, k, v, out)
+    assert path.stat().st_size > 1000 and torch.isfinite(out).all()
+
+
+def test_cross_targets_and_opt_out_are_not_cached(kernel_cache, monkeypatch) -> None:
+    import tvm
+
+    assert not diskcache.cacheable(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}))
+    assert diskcache.cacheable(registry.host_target())
+    monkeypatch.setenv("EDGEATTN_KERNEL_CACHE", "0")
+    assert diskcache.cache_dir() is None

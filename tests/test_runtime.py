@@ -1,0 +1,230 @@
+"""The host runtime: the torch backend on our TVM kernels, chunked prefill, memory budgets, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgeattn.cli import app
+from edgeattn.config import AttentionConfig, ConfigError
+from edgeattn.runtime import memory
+from edgeattn.runtime.runner import greedy, prefill
+from edgeattn.runtime.torch_backend import TorchSession
+from edgeattn.tiny import tiny_model
+
+runner = CliRunner()
+
+
+class _Loaded:
+    """The slice of models.LoadedModel a TorchSession reads, around a tiny random model."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.config = model.config
+        self.tokenizer = None
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _steps(session, ids: list[int], chunk: int, n: int) -> tuple[list[np.ndarray], list[int]]:
+    """Prefill (in steps of ``chunk``) then ``n`` greedy decode steps; all logits and tokens."""
+    logits, _ = prefill(session, ids, chunk)
+    seen = [logits]
+    tokens = [int(np.argmax(logits))]
+    for _ in range(n - 1):
+        seen.append(session.append([tokens[-1]]))
+        tokens.append(int(np.argmax(seen[-1])))
+    session.reset()
+    return seen, tokens
+
+
+# ------------------------------------------------------------------ tiny models
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_tvm_kernels_with_full_budget_equal_the_shipped_model(family: str) -> None:
+    """Budget >= L: DHSA on the TVM kernels (and every other layer on the dense flash kernel) is the model."""
+    loaded = _Loaded(tiny_model(family))
+    ids = torch.randint(0, 512, (203,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref_logits, ref_tokens = _steps(TorchSession(loaded, AttentionConfig(kind="dense"), as_shipped=True), ids, 203, 16)
+    cfg = AttentionConfig(kind="dhsa", budget=4096, chunk_size=16)
+    got_logits, got_tokens = _steps(TorchSession(loaded, cfg, kernels="tvm"), ids, 203, 16)
+    assert got_tokens == ref_tokens
+    for a, b in zip(got_logits, ref_logits, strict=True):
+        assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+@pytest.mark.parametrize("kind", ["dhsa", "block-sparse"])
+def test_tvm_kernels_at_small_budget_equal_the_reference(family: str, kind: str) -> None:
+    loaded = _Loaded(tiny_model(family))
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    cfg = AttentionConfig(kind=kind, budget=64, chunk_size=16, sinks=4)
+    ref, ref_tokens = _steps(TorchSession(loaded, cfg, kernels="reference", layers="all"), ids, 300, 6)
+    got, got_tokens = _steps(TorchSession(loaded, cfg, kernels="tvm", layers="all"), ids, 300, 6)
+    assert got_tokens == ref_tokens
+    for a, b in zip(got, ref, strict=True):
+        assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("kernels", ["tvm", "reference"])
+def test_chunked_prefill_equals_one_shot(kernels: str) -> None:
+    """Prefill chunks that are multiples of the DHSA chunk select what one-shot prefill selects."""
+    loaded = _Loaded(tiny_model("gemma3"))
+    ids = torch.randint(0, 512, (317,), generator=torch.Generator().manual_seed(3)).tolist()
+    cfg = AttentionConfig(kind="dhsa", budget=64, chunk_size=16)
+    one, one_tokens = _steps(TorchSession(loaded, cfg, kernels=kernels), ids, 317, 4)
+    many, many_tokens = _steps(TorchSession(loaded, cfg, kernels=kernels), ids, 64, 4)
+    assert many_tokens == one_tokens
+    for a, b in zip(many, one, strict=True):
+        assert _rel(a, b) < 1e-4
+
+
+def test_greedy_stops_at_eos() -> None:
+    class Fixed:
+        def append(self, ids):
+            out = np.zeros(8, np.float32)
+            out[5] = 1.0
+            return out
+
+    first = np.zeros(8, np.float32)
+    first[2] = 1.0
+    assert greedy(Fixed(), first, 10, eos=5) == [2, 5]
+    assert greedy(Fixed(), first, 3, eos=None) == [2, 5, 5]
+
+
+# ------------------------------------------------------------------ memory planning
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [("1.5GiB", 3 << 29), ("800MiB", 800 << 20), ("2G", 2 << 30), ("512m", 512 << 20), ("1GB", 10**9), ("4096", 4096)],
+)
+def test_parse_size(text: str, nbytes: int) -> None:
+    assert memory.parse_size(text) == nbytes
+
+
+@pytest.mark.parametrize("text", ["lots", "1.5 parsecs", "-3GiB", ""])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="1.5GiB"):
+        memory.parse_size(text)
+    with pytest.raises(ConfigError, match="positive"):
+        memory.parse_size("0MiB")
+
+
+def test_weights_count_matches_the_loaded_model() -> None:
+    model = tiny_model("gemma2")
+    fp = memory.footprint_of(model.config)
+    assert fp.weights == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_plan_chunks_to_fit_and_refuses_what_cannot() -> None:
+    model = tiny_model("gemma3")
+    fp = memory.footprint_of(model.config)
+    resident = 100 << 20
+    one_shot = memory.plan_run(fp, 4000, 16, resident, None, granularity=16)
+    assert one_shot.prefill_chunk == 4000 and not one_shot.chunked
+    budget = resident + one_shot.kv_cache + fp.step_bytes(1000, 4000)
+    fitted = memory.plan_run(fp, 4000, 16, resident, budget, granularity=16)
+    assert fitted.chunked and fitted.prefill_chunk % 16 == 0 and fitted.peak <= budget
+    assert fitted.prefill_chunk >= 960  # the longest chunk that fits, not merely one that does
+    with pytest.raises(memory.BudgetError, match="--memory-budget >="):
+        memory.plan_run(fp, 4000, 16, resident, resident + 1024, granularity=16)
+    with pytest.raises(memory.BudgetError, match="weights"):
+        memory.check_weights_fit(fp, resident, resident + fp.weights // 2)
+
+
+# ------------------------------------------------------------------ CLI: bad input, nothing written
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--memory-budget", "lots"], "cannot read the memory size"),
+        (["--synthetic-length", "-5"], "--synthetic-length must be >= 1"),
+        (["--synthetic-length", "0"], "--synthetic-length must be >= 1"),
+        (["--backend", "onnx"], "--backend takes"),
+        (["--kernels", "cuda"], "--kernels must be one of"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_run_rejects_bad_options(args: list[str], message: str, tmp_path) -> None:
+    res = runner.invoke(app, ["run", *args], env={"EDGEATTN_CACHE": str(tmp_path / "cache")})
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.real_model
+def test_run_refuses_a_context_beyond_the_model_before_allocating(real_model) -> None:
+    res = runner.invoke(app, ["run", "--synthetic-length", "10000000"])
+    assert res.exit_code == 2, res.output
+    assert "exceed the model's context of 32768" in res.output
+
+
+@pytest.mark.real_model
+def test_run_refuses_a_budget_below_the_weights(real_model) -> None:
+    res = runner.invoke(app, ["run", "--memory-budget", "512MiB", "--synthetic-length", "64"])
+    assert res.exit_code == 2, res.output
+    assert "is below the" in res.output and "weights" in res.output and "--memory-budget >=" in res.output
+
+
+# ------------------------------------------------------------------ the default model
+
+
+@pytest.mark.real_model
+def test_default_model_full_budget_on_tvm_kernels_is_the_shipped_model(real_model) -> None:
+    """At an odd length, DHSA with budget >= L on the TVM kernels gives the shipped model's logits and tokens."""
+    from edgeattn import text
+
+    ids = text.token_ids(real_model.tokenizer, 1531)
+    ref, ref_tokens = _steps(TorchSession(real_model, AttentionConfig(kind="dense"), as_shipped=True), ids, 1531, 16)
+    cfg = AttentionConfig(kind="dhsa", budget=2048, chunk_size=32)
+    got, got_tokens = _steps(TorchSession(real_model, cfg, kernels="tvm"), ids, 1531, 16)
+    assert got_tokens == ref_tokens
+    for a, b in zip(got, ref, strict=True):
+        assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.real_model
+def test_default_model_small_budget_tvm_equals_reference_and_chunked_prefill(real_model) -> None:
+    from edgeattn import text
+
+    ids = text.token_ids(real_model.tokenizer, 1531)
+    cfg = AttentionConfig(kind="dhsa", budget=256, chunk_size=32)
+    ref, ref_tokens = _steps(TorchSession(real_model, cfg, kernels="reference"), ids, 1531, 4)
+    got, got_tokens = _steps(TorchSession(real_model, cfg, kernels="tvm"), ids, 1531, 4)
+    chunked, chunked_tokens = _steps(TorchSession(real_model, cfg, kernels="tvm"), ids, 512, 4)
+    assert got_tokens == ref_tokens == chunked_tokens
+    for a, b, c in zip(got, ref, chunked, strict=True):
+        assert _rel(a, b) < 1e-4
+        assert _rel(c, a) < 1e-4
+
+
+@pytest.mark.real_model
+def test_budget_that_one_shot_would_exceed_is_met_by_chunked_prefill(real_model) -> None:
+    """The plan picks prefill chunks; the measured peak RSS stays within the budget."""
+    from edgeattn.runtime.host import RunRequest, run_on_host
+    from edgeattn.runtime.measure import rss_bytes
+
+    length = 6144
+    fp = memory.footprint_of(real_model.config)
+    resident = rss_bytes() + (96 << 20)  # room for the kernels compiled during warm-up
+    one_shot = memory.plan_run(fp, length, 4, resident, None)
+    budget = one_shot.peak - (one_shot.activations * 2) // 3  # one-shot prefill would not fit
+    req = RunRequest(
+        configs=[AttentionConfig(kind="dhsa", budget=512, chunk_size=32)],
+        synthetic_length=length,
+        max_new_tokens=4,
+        threads=2,
+        memory_budget=budget,
+        shipped_baseline=False,
+    )
+    _, (row,) = run_on_host(req, loaded=real_model)
+    assert row.prefill_steps > 1 and row.prefill_chunk % 32 == 0
+    assert row.planned_peak_mib * memory.MIB <= budget
+    assert row.peak_rss_mib * memory.MIB <= budget, (row.peak_rss_mib, budget / memory.MIB)
