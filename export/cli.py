@@ -41,6 +41,10 @@ Examples:
 
   edgeattn export -o dense.onnx --attention dense     # the dense baseline
 
+  edgeattn export -o dhsa-flash.onnx --dense-op edgeattn   # sliding/dense layers as DenseFlashAttention
+
+  edgeattn export -o dense-gqa.onnx --attention dense --dense-op gqa   # ONNX Runtime's own GQA kernel
+
   edgeattn export ./gemma-2-2b -o g2.onnx --budget 1024 --layers all --verify
 """
 
@@ -83,6 +87,17 @@ def export_command(
             "Sliding-window layers keep their window inside the op."
         ),
     ] = "global",
+    dense_op: Annotated[
+        str,
+        typer.Option(
+            help="How dense and sliding-window layers are written. onnx: plain ONNX attention with an explicit "
+            "[B,1,1,S,T] mask (any runtime; O(S*T) memory per layer, runs out of memory at 16K). edgeattn: one "
+            "ai.edgeattn DenseFlashAttention node per layer, whose function body is that same attention, so any "
+            "runtime still runs it; `edgeattn run --backend ort` runs it on the TVM dense flash kernel. gqa: ONNX "
+            "Runtime's com.microsoft GroupQueryAttention (window and softcap as attributes; ONNX Runtime only): "
+            "its best dense baseline.",
+        ),
+    ] = "onnx",
     dtype: Annotated[str, typer.Option(help="Weights and activations: float32 or float16.")] = "float32",
     all_logits: Annotated[
         bool, typer.Option("--all-logits", help="Output logits of every position, not only the last.")
@@ -115,7 +130,7 @@ def export_command(
         if chunking not in CHUNKING_KINDS:
             raise ConfigError(f"--chunking {chunking!r} is unknown; choose one of {', '.join(CHUNKING_KINDS)}")
         cfg = AttentionConfig(kind=attention, budget=budget, chunk_size=chunk_size, sinks=sinks, chunking=chunking)
-        result, loaded = export_model(model, output, cfg, layers, dtype, all_logits, force, external_data)
+        result, loaded = export_model(model, output, cfg, layers, dtype, all_logits, force, external_data, dense_op)
         checks = []
         if verify:
             from edgeattn.export.exporter import log

@@ -336,7 +336,8 @@ class _GemmaWriter:
         functions = []
         if spec.sparse_layers or spec.dense_op == "edgeattn":
             opsets.append(helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
-            functions = ops.functions()
+            used = {n.op_type for n in nb.nodes if n.domain == ops.DOMAIN}
+            functions = [fn for fn in ops.functions() if fn.name in used]  # the bodies of the ops in the file
         if spec.dense_op == "gqa":
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="edgeattn")

@@ -67,17 +67,7 @@ def _common_sizes(nb: NodeBuilder, q: str, k: str, boundaries: str) -> dict[str,
     nq = nb.op("ReduceSum", nb.op("Cast", holds_query, to=INT64), keepdims=0, hint="nq")
     key_pos = nb.op("Reshape", nb.op("Range", zero, lk, one), nb.op("Slice", shape_k, nb.i64(2), nb.i64(3)))
     query_pos = nb.op("Reshape", nb.op("Range", start, lk, one), nb.op("Slice", shape_q, nb.i64(2), nb.i64(3)))
-    group = nb.unsqueeze(nb.op("Div", nb.dim(shape_q, 1), nb.dim(shape_k, 1)), 0)  # [1]: g = Hq / Hkv
-    # [B, Hkv, g, Lq, D]: built from shape values only, so TVM's importer keeps it a shape
-    grouped = nb.op(
-        "Concat",
-        nb.op("Slice", shape_q, nb.i64(0), nb.i64(1)),
-        nb.op("Slice", shape_k, nb.i64(1), nb.i64(2)),
-        group,
-        nb.op("Slice", shape_q, nb.i64(2), nb.i64(4)),
-        axis=0,
-        hint="grouped_shape",
-    )
+    grouped = _grouped_shape(nb, shape_q, shape_k)
     return dict(
         grouped=grouped,
         nq=nq,
@@ -94,6 +84,42 @@ def _common_sizes(nb: NodeBuilder, q: str, k: str, boundaries: str) -> dict[str,
         key_pos=key_pos,
         query_pos=query_pos,
     )
+
+
+def _grouped_shape(nb: NodeBuilder, shape_q: str, shape_k: str) -> str:
+    """[B, Hkv, g, Lq, D] (g = Hq / Hkv), built from shape values only, so TVM's importer keeps it a shape."""
+    group = nb.unsqueeze(nb.op("Div", nb.dim(shape_q, 1), nb.dim(shape_k, 1)), 0)  # [1]: g = Hq / Hkv
+    return nb.op(
+        "Concat",
+        nb.op("Slice", shape_q, nb.i64(0), nb.i64(1)),
+        nb.op("Slice", shape_k, nb.i64(1), nb.i64(2)),
+        group,
+        nb.op("Slice", shape_q, nb.i64(2), nb.i64(4)),
+        axis=0,
+        hint="grouped_shape",
+    )
+
+
+def _masked_attention(nb: NodeBuilder, q: str, k: str, v: str, grouped: str, mask: str, with_softcap: bool) -> str:
+    """Exact softmax attention of q over k, v where ``mask`` (broadcast to [B,Hkv,g,Lq,Lk]) holds, query
+    heads grouped per KV head: [B,Hkv,g,Lq,D] x [B,Hkv,1,D,Lk].  Returns [B,Hkv,g,Lq,D].
+
+    Reads the attributes ``scaling`` and (``with_softcap``) ``softcap`` of the enclosing function.
+    """
+    scaling = nb.op("CastLike", nb.attr_const("scaling", "float"), q)
+    qg = nb.op("Reshape", q, grouped)
+    scores = nb.op("Mul", nb.op("MatMul", qg, nb.unsqueeze(nb.op("Transpose", k, perm=[0, 1, 3, 2]), 2)), scaling)
+    if with_softcap:
+        # softcap 0 = off; divide by 1 then (TVM rejects a division by the constant 0 even in a dead branch)
+        softcap = nb.op("CastLike", nb.attr_const("softcap", "float"), q)
+        capping = nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q))
+        safe_cap = nb.op("Where", capping, softcap, nb.op("CastLike", nb.const(1.0, np.float32), q))
+        capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, safe_cap)), safe_cap)
+        scores = nb.op("Where", capping, capped, scores)
+    neg_inf = nb.op("CastLike", nb.const(-np.inf, np.float32), q)
+    scores = nb.op("Where", mask, scores, neg_inf)
+    probs = nb.op("Softmax", scores, axis=-1)
+    return nb.op("MatMul", probs, nb.unsqueeze(v, 2))
 
 
 def _prefix_sums(nb: NodeBuilder, x: str) -> str:
@@ -215,7 +241,6 @@ def sparse_attention_function(with_softcap: bool = True) -> onnx.FunctionProto:
     nb = NodeBuilder()
     q, k, v, boundaries, sel = "q", "k", "v", "boundaries", "sel"
     s = _common_sizes(nb, q, k, boundaries)
-    scaling = nb.op("CastLike", nb.attr_const("scaling", "float"), q)
     window = nb.attr_const("window", "int")
     sinks = nb.attr_const("sinks", "int")
     zero = nb.scalar_i64(0)
@@ -246,20 +271,8 @@ def sparse_attention_function(with_softcap: bool = True) -> onnx.FunctionProto:
     )
     mask = nb.op("And", visible, nb.op("And", causal, in_window), hint="token_mask")  # [B,Hkv,Lq,Lk]
 
-    # exact attention, query heads grouped per KV head: [B,Hkv,g,Lq,D] x [B,Hkv,1,D,Lk]
-    qg = nb.op("Reshape", q, s["grouped"])
-    scores = nb.op("Mul", nb.op("MatMul", qg, nb.unsqueeze(nb.op("Transpose", k, perm=[0, 1, 3, 2]), 2)), scaling)
-    if with_softcap:
-        # softcap 0 = off; divide by 1 then (TVM rejects a division by the constant 0 even in a dead branch)
-        softcap = nb.op("CastLike", nb.attr_const("softcap", "float"), q)
-        capping = nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q))
-        safe_cap = nb.op("Where", capping, softcap, nb.op("CastLike", nb.const(1.0, np.float32), q))
-        capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, safe_cap)), safe_cap)
-        scores = nb.op("Where", capping, capped, scores)
-    neg_inf = nb.op("CastLike", nb.const(-np.inf, np.float32), q)
-    scores = nb.op("Where", nb.unsqueeze(mask, 2), scores, neg_inf)
-    probs = nb.op("Softmax", scores, axis=-1)
-    out = nb.op("MatMul", probs, nb.unsqueeze(v, 2))
+    # exact attention, query heads grouped per KV head
+    out = _masked_attention(nb, q, k, v, s["grouped"], nb.unsqueeze(mask, 2), with_softcap)
     nb.op("Reshape", out, s["shape_q"], outputs=["out"])
     fn = _function(
         OP_SPARSE,
@@ -299,28 +312,9 @@ def dense_flash_function(with_softcap: bool = True) -> onnx.FunctionProto:
     in_window = nb.op(
         "Or", nb.op("Less", nb.op("Sub", q_col, nb.unsqueeze(tok, 0)), window), nb.op("LessOrEqual", window, zero)
     )
-    mask = nb.op("And", causal, in_window, hint="dense_mask")
-    group = nb.unsqueeze(nb.op("Div", nb.dim(shape_q, 1), nb.dim(shape_k, 1)), 0)
-    grouped = nb.op(
-        "Concat",
-        nb.op("Slice", shape_q, nb.i64(0), nb.i64(1)),
-        nb.op("Slice", shape_k, nb.i64(1), nb.i64(2)),
-        group,
-        nb.op("Slice", shape_q, nb.i64(2), nb.i64(4)),
-        axis=0,
-    )  # [B, Hkv, g, Lq, D]
-    scaling = nb.op("CastLike", nb.attr_const("scaling", "float"), q)
-    qg = nb.op("Reshape", q, grouped)
-    scores = nb.op("Mul", nb.op("MatMul", qg, nb.unsqueeze(nb.op("Transpose", k, perm=[0, 1, 3, 2]), 2)), scaling)
-    if with_softcap:
-        softcap = nb.op("CastLike", nb.attr_const("softcap", "float"), q)
-        capping = nb.op("Greater", softcap, nb.op("CastLike", nb.const(0.0, np.float32), q))
-        safe_cap = nb.op("Where", capping, softcap, nb.op("CastLike", nb.const(1.0, np.float32), q))
-        capped = nb.op("Mul", nb.op("Tanh", nb.op("Div", scores, safe_cap)), safe_cap)
-        scores = nb.op("Where", capping, capped, scores)
-    neg_inf = nb.op("CastLike", nb.const(-np.inf, np.float32), q)
-    probs = nb.op("Softmax", nb.op("Where", mask, scores, neg_inf), axis=-1)
-    nb.op("Reshape", nb.op("MatMul", probs, nb.unsqueeze(v, 2)), shape_q, outputs=["out"])
+    mask = nb.op("And", causal, in_window, hint="dense_mask")  # [Lq, Lk]
+    out = _masked_attention(nb, q, k, v, _grouped_shape(nb, shape_q, shape_k), mask, with_softcap)
+    nb.op("Reshape", out, shape_q, outputs=["out"])
     fn = _function(
         OP_DENSE,
         ["q", "k", "v"],

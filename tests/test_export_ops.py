@@ -134,5 +134,11 @@ def test_functions_are_standard_onnx_only():
         assert all(n.domain in ("", "ai.onnx") for n in fn.node)
         assert not kinds & {"If", "Loop", "Scan", "TopK", "NonZero", "Unique"}
     names = [(fn.name, fn.overload) for fn in ops.functions()]
-    assert names == [("DHSAChunkSelect", ""), ("DHSASparseAttention", ""), ("DHSASparseAttention", "nosoftcap")]
+    assert names == [
+        ("DHSAChunkSelect", ""),
+        ("DHSASparseAttention", ""),
+        ("DHSASparseAttention", "nosoftcap"),
+        ("DenseFlashAttention", ""),
+        ("DenseFlashAttention", "nosoftcap"),
+    ]
     assert not {n for n, _ in names} & {"Attention", "SparseAttention"}
