@@ -159,9 +159,28 @@ def get_kernel(op: str, target: Any = None, *, compile: bool = True, **kw: Any) 
         return _cache.setdefault(key, kern)
 
 
+_layer_kernels: dict[tuple, CompiledKernel] = {}
+
+
+def layer_kernel(op: str, target: Any = None, **kw: Any) -> CompiledKernel:
+    """:func:`get_kernel` memoised on its arguments, for the per-layer, per-token hot path.
+
+    get_kernel resolves the target, the schedule and the tuning records on every call
+    (~15 ms); a decode step calls it once per layer and kernel, so :func:`run_layer`
+    asks here.  Tuning records written after the first call are picked up after
+    :func:`clear_cache`.
+    """
+    key = (op, str(target) if target is not None else None, tuple(sorted(kw.items())))
+    hit = _layer_kernels.get(key)
+    if hit is None:
+        hit = _layer_kernels.setdefault(key, get_kernel(op, target, **kw))
+    return hit
+
+
 def clear_cache() -> None:
     with _lock:
         _cache.clear()
+        _layer_kernels.clear()
 
 
 # ------------------------------------------------------------------ arrays
@@ -268,7 +287,7 @@ def run_layer(
     common = dict(heads_q=hq, heads_kv=hkv, head_dim=d, scaling=scaling, softcap=softcap, window=window)
     selections = []
     if cfg.kind == "dense":
-        kern = get_kernel(OP_DENSE, target, decode=decode, **common)
+        kern = layer_kernel(OP_DENSE, target, decode=decode, **common)
         for b in range(bsz):
             t0 = time.perf_counter()
             kern(qb[b], kb[b], vb[b], ob[b])
@@ -284,7 +303,7 @@ def run_layer(
         nc = len(bnd) - 1
         nq = int((bnd[1:] > lk - lq).sum())
         m = selection_width(bnd, cfg.budget, cfg.sinks)
-        sk = get_kernel(
+        sk = layer_kernel(
             OP_SELECT,
             target,
             heads_q=hq,
@@ -296,7 +315,7 @@ def run_layer(
             local=getattr(cfg, "local", 0),
         )
         tile = {} if decode else {"query_tile": query_tile_for(bnd)}
-        ak = get_kernel(OP_SPARSE, target, decode=decode, sinks=cfg.sinks, **tile, **common)
+        ak = layer_kernel(OP_SPARSE, target, decode=decode, sinks=cfg.sinks, **tile, **common)
         bt = as_tvm(empty(bnd.shape, "int32").copy_(torch.from_numpy(bnd)))
         for b in range(bsz):
             sel_t, nsel_t = empty((hkv, nq, m), "int32"), empty((hkv, nq), "int32")
