@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeattn.atomic import write_text
+from edgeattn.config import ConfigError
 from edgeattn.errors import EdgeAttnError
+from edgeattn.runtime.memory import parse_size
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
 ENV_USER_DIR = "EDGEATTN_DEVICES_DIR"
@@ -50,21 +52,6 @@ class DeviceProfileError(EdgeAttnError):
 
 
 # ------------------------------------------------------------------ sizes
-
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20}
-_UNITS |= {"g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in ``"3GiB"``, ``"800MiB"``, ``"1.5G"`` or a plain byte count; ValueError names the form."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 800MiB, 3GiB or 1.5G")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def format_size(n: int | None) -> str:
@@ -211,13 +198,11 @@ def profile_from_dict(data: dict[str, Any], source: Path | None = None) -> Devic
     for t in targets:
         if t not in PROFILE_NAMES:
             raise bad(f"unknown kernel target {t!r}; known: {', '.join(PROFILE_NAMES)}")
-    budget_text = data.get("memory_budget", "auto")
+    budget_text = data.get("memory_budget", "auto")  # parse_size: the runtime's own --memory-budget reader
     try:
         budget = None if budget_text == "auto" else parse_size(budget_text)
-    except ValueError as err:
+    except ConfigError as err:
         raise bad(f"memory_budget: {err}") from None
-    if budget is not None and budget <= 0:
-        raise bad("memory_budget must be positive")
     conn = connection_from_dict(data.get("connect", {"kind": "local"}), bad)
     if budget is None and conn.kind != "local":
         raise bad("memory_budget 'auto' measures this machine: a remote device needs a size such as 3GiB")
