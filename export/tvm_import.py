@@ -340,13 +340,23 @@ class _Lowering:
 
     def _attention_kernel(self, bb: Any, op: str, q: Any, k: Any, **attrs: Any) -> Any:
         from edgeattn.kernels_tvm import registry
-        from edgeattn.kernels_tvm.abi import SYMBOL
+        from edgeattn.kernels_tvm.abi import SYMBOL, KernelSpec
 
         _, hq, _, d = _shape(q)
         hkv = _shape(k)[1]
         kw = dict(heads_q=int(hq), heads_kv=int(hkv), head_dim=int(d), **attrs)
         if op != "DHSAChunkSelect":
             kw["decode"] = self.decode
+        fields = KernelSpec.__dataclass_fields__
+        if op == "DHSASparseAttention" and "query_tile" in fields and self.chunk_size:
+            kw["query_tile"] = int(self.chunk_size)  # a schedule hint: one chunk per CPU query tile
+        unknown = [k for k, v in kw.items() if k not in fields and v]
+        if unknown:
+            raise NotAnEdgeattnExport(
+                f"the export's {op} nodes carry {unknown}, which this build's kernels do not know; "
+                "update edgeattn (kernels_tvm) or export without them"
+            )
+        kw = {k: v for k, v in kw.items() if k in fields}
         key = (op, tuple(sorted(kw.items())))
         return self._gvar(bb, key, SYMBOL[op], lambda: registry.build_module(op, self.target, **kw)[SYMBOL[op]])
 
@@ -392,6 +402,7 @@ class _Lowering:
             budget=int(attr["budget"]),
             sinks=int(attr.get("sinks", 4)),
             normalize=bool(attr.get("normalize", 1)),
+            local=int(attr.get("local", 0)),
         )
         s, t, hkv = _shape(q)[2], _shape(k)[2], _shape(k)[1]
         c = int(self.chunk_size)
@@ -578,6 +589,15 @@ def prepare_with_kernels(
     """The ONNX rewrites before import: batch 1, fixed DHSA boundaries, dense attention fused, GEMMs packed (CPU)."""
     model = constants_as_tensors(model)
     fix_batch(model)
+    foreign = sorted(
+        {f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx", ops.DOMAIN)}
+    )
+    if foreign:
+        raise NotAnEdgeattnExport(
+            f"the export uses {foreign}, "
+            "which TVM's frontend cannot import; compile an export with plain ONNX or edgeattn dense attention "
+            "(edgeattn export without the GroupQueryAttention option)"
+        )
     att = manifest.get("attention") or {}
     if any(n.domain == ops.DOMAIN for n in model.graph.node):
         if att.get("chunking", "fixed") != "fixed" and att.get("kind") != "block-sparse" or not att.get("chunk_size"):

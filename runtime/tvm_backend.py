@@ -186,11 +186,15 @@ class TvmSession:
             tvm.runtime.tensor(np.arange(self._cached, total, dtype=np.int64)[None], dev),
             *self._past,
         ]
-        out = self._main(*feed, *self.art.params)
+        out = self._call_main(feed)
         logits = out[0].numpy()
         self._past = [out[i] for i in range(1, 1 + 2 * self.art.layers)]
         self._cached = total
         return logits.reshape(-1, logits.shape[-1])[-1].astype(np.float32)
+
+    def _call_main(self, feed: list[Any]) -> Sequence[Any]:
+        """``main(*feed, *params)`` -> (logits, present keys/values...); over RPC the VM's stateful form."""
+        return self._main(*feed, *self.art.params)
 
     def close(self) -> None:
         self._past = []
@@ -211,3 +215,60 @@ def _stderr_progress(msg: str, frac: float) -> None:
     import sys
 
     print(f"[edgeattn compile] {frac * 100:3.0f}% {msg}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- time per op class
+
+OP_CLASSES = ("gemm", "attention", "rest")
+
+
+def op_class(symbol: str) -> str:
+    """Which class a compiled function belongs to: our GEMM, an attention kernel, or everything else."""
+    if symbol.startswith("edgeattn_gemm") or "matmul" in symbol:
+        return "gemm"
+    if symbol.startswith(("dense_flash_attention", "dhsa_", "edgeattn_fixed_boundaries")):
+        return "attention"
+    return "rest"
+
+
+class OpTimer:
+    """Wall time per called function, through the Relax VM's instrument hook (TVM 0.27's runtime has no
+    separate profiler executable); CPU kernels run synchronously, so a call's time is its kernel's."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._start: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        name = str(symbol)
+        if before:
+            self._start[name] = self._clock()
+        else:
+            dt = self._clock() - self._start.pop(name, self._clock())
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return 0
+
+    def by_class(self) -> dict[str, float]:
+        out = dict.fromkeys(OP_CLASSES, 0.0)
+        for name, s in self.seconds.items():
+            if name.startswith("vm.builtin.") or name in ("main",):
+                out["rest"] += s
+            else:
+                out[op_class(name)] += s
+        return out
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+def attach_timer(session: TvmSession) -> OpTimer:
+    """Instrument a session's VM: every call afterwards is timed into the returned OpTimer."""
+    timer = OpTimer()
+    session.art.vm.set_instrument(timer)
+    return timer
