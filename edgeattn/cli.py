@@ -125,7 +125,13 @@ def parse_kinds(spec: str) -> list[str]:
 @app.command()
 @friendly_errors
 def run(
-    model: ModelArg = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="Model: a local HF directory, a .gguf file, or an .onnx file from `edgeattn export` "
+            "(run on the ort/tvm backends). Default: built-in."
+        ),
+    ] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="Read the prompt from this text file.")] = None,
     synthetic_length: Annotated[
@@ -166,12 +172,13 @@ def run(
     ] = None,
     device: Annotated[str, typer.Option(help="Where to run: host (this machine).")] = "host",
     backend: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Comma list of torch (transformers + our attention kernels), ort (ONNX Runtime on the "
-            "exported file, ai.edgeattn ops on our kernels), tvm (the whole model compiled with TVM)."
+            "exported file, ai.edgeattn ops on our kernels), tvm (the whole model compiled with TVM). "
+            "Default: torch, or ort when MODEL is an .onnx file."
         ),
-    ] = "torch",
+    ] = None,
     kernels: Annotated[
         str | None,
         typer.Option(
@@ -243,7 +250,7 @@ def run(
         layers=layers,
         max_new_tokens=max_new_tokens,
         threads=resolve_threads(threads),
-        backends=[b.strip() for b in backend.split(",") if b.strip()],
+        backends=[b.strip() for b in (backend or "").split(",") if b.strip()],
         kernels=kernels or host.kernels_available(),
         memory_budget=memory.parse_size(memory_budget),
         shipped_baseline=shipped,

@@ -35,7 +35,7 @@ class RunRequest:
     layers: str = "global"
     max_new_tokens: int = 32
     threads: int = 1
-    backends: list[str] = field(default_factory=lambda: ["torch"])
+    backends: list[str] = field(default_factory=list)  # empty: torch for model folders, ort for .onnx files
     kernels: str = DEFAULT_KERNELS
     memory_budget: int | None = None
     shipped_baseline: bool = True  # add the model as shipped (transformers SDPA) as a row
@@ -97,6 +97,10 @@ def run_on_host(
 
     _check_request(req)
     set_threads(req.threads)
+    if exported_file(req.model) is not None:
+        return _run_exported(req, exported_file(req.model), log)  # type: ignore[arg-type]
+    if not req.backends:
+        req.backends = ["torch"]
     path = loaded.path if loaded is not None else models.resolve(req.model)
     models.check_hf_dir(path)
     hf_config = AutoConfig.from_pretrained(str(path))
@@ -122,32 +126,110 @@ def run_on_host(
     results: list[RunResult] = []
     for session, layers in _sessions(req, loaded):
         row_fp = memory.footprint_of(hf_config, backend=session.info.backend, kernels=session.info.kernels)
-
-        def plan(resident: int, row_fp: memory.Footprint = row_fp, info: Any = session.info) -> memory.MemoryPlan:
-            made = memory.plan_run(row_fp, len(ids), req.max_new_tokens, resident, req.memory_budget, granularity)
-            log(f"{info.backend}/{info.attention} ({info.kernels}): {made.describe()}")
-            return made
-
-        try:
-            row = run_session(
-                session,
-                ids,
-                plan,
-                req.max_new_tokens,
-                vocab=hf_config.vocab_size,
-                eos=loaded.config.eos_token_id,
-                decode_text=(lambda t: loaded.tokenizer.decode(t, skip_special_tokens=True)),
-                layers=layers,
-            )
-        finally:
-            session.close()
-        if req.memory_budget and row.peak_rss_mib * memory.MIB > req.memory_budget:
-            log(
-                f"warning: measured peak {row.peak_rss_mib:.0f} MiB exceeded the budget "
-                f"{req.memory_budget / memory.MIB:.0f} MiB (plan {row.planned_peak_mib:.0f} MiB)"
-            )
-        results.append(row)
+        results.append(_measure(req, session, ids, hf_config, row_fp, granularity, loaded.tokenizer, log, layers))
     return header, results
+
+
+def exported_file(model: str | None) -> Path | None:
+    """The .onnx file a MODEL argument names, if it names one (ort and tvm backends run it as it is)."""
+    if model is not None and str(model).endswith(".onnx"):
+        return Path(model)
+    return None
+
+
+def _source_of_export(path: Path, manifest: dict[str, Any]) -> Path:
+    """The HF directory an export was made from: its tokenizer and config describe the file."""
+    from edgeattn import models
+
+    name = manifest.get("model", {}).get("name")
+    try:
+        return models.resolve(name)
+    except Exception as err:
+        raise ConfigError(
+            f"{path} was exported from {name!r}, which is not on this machine, so there is no tokenizer for it; "
+            "copy that model here (or export from one that is)"
+        ) from err
+
+
+def _run_exported(req: RunRequest, path: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], list[RunResult]]:
+    """`edgeattn run model.onnx`: the file's own attention, on the ort (default) or tvm backend."""
+    from transformers import AutoConfig
+
+    from edgeattn import models
+    from edgeattn.runtime import ort_backend
+
+    backends = req.backends or ["ort"]
+    if "torch" in backends:
+        raise ConfigError(f"{path} is an ONNX file: run it with --backend ort or tvm (torch runs model folders)")
+    manifest = ort_backend.check_export(path)  # a mismatched or corrupt file stops here, before any load
+    source = _source_of_export(path, manifest)
+    hf_config = AutoConfig.from_pretrained(str(source))
+    fp = memory.footprint_of(hf_config, backend="ort", kernels=req.kernels)
+    if req.synthetic_length is not None:
+        memory.check_context(fp, req.synthetic_length, req.max_new_tokens)
+    memory.check_weights_fit(fp, rss_bytes(), req.memory_budget)
+    tokenizer = models._load_tokenizer(source) if models._has_tokenizer(source) else None
+    ids = prompt_ids(req, tokenizer, source)
+    memory.check_context(fp, len(ids), req.max_new_tokens)
+    attention = manifest.get("attention", {})
+    header = report_header(
+        str(path),
+        req.threads,
+        req.memory_budget,
+        budget=attention.get("budget"),
+        chunk_size=attention.get("chunk_size"),
+        chunking=attention.get("chunking"),
+        kernels=req.kernels,
+    )
+    results = []
+    for backend in backends:
+        if backend == "ort":
+            session = ort_backend.open_session(path, kernels=req.kernels, threads=req.threads)
+        else:
+            from edgeattn.runtime import tvm_backend
+
+            session = tvm_backend.open_session(path, threads=req.threads)
+        results.append(_measure(req, session, ids, hf_config, fp, attention.get("chunk_size") or 1, tokenizer, log))
+    return header, results
+
+
+def _measure(
+    req: RunRequest,
+    session: Any,
+    ids: list[int],
+    hf_config: Any,
+    fp: memory.Footprint,
+    granularity: int,
+    tokenizer: Any,
+    log: Callable[[str], None],
+    layers: list[int] | None = None,
+) -> RunResult:
+    """One row: plan after the warm-up, run, close; warns if the measured peak broke the budget."""
+
+    def plan(resident: int) -> memory.MemoryPlan:
+        made = memory.plan_run(fp, len(ids), req.max_new_tokens, resident, req.memory_budget, granularity)
+        log(f"{session.info.backend}/{session.info.attention} ({session.info.kernels}): {made.describe()}")
+        return made
+
+    try:
+        row = run_session(
+            session,
+            ids,
+            plan,
+            req.max_new_tokens,
+            vocab=hf_config.vocab_size,
+            eos=getattr(hf_config, "eos_token_id", None),
+            decode_text=(lambda t: tokenizer.decode(t, skip_special_tokens=True)) if tokenizer else None,
+            layers=layers,
+        )
+    finally:
+        session.close()
+    if req.memory_budget and row.peak_rss_mib * memory.MIB > req.memory_budget:
+        log(
+            f"warning: measured peak {row.peak_rss_mib:.0f} MiB exceeded the budget "
+            f"{req.memory_budget / memory.MIB:.0f} MiB (plan {row.planned_peak_mib:.0f} MiB)"
+        )
+    return row
 
 
 def _sessions(req: RunRequest, loaded: Any):

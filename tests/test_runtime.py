@@ -24,6 +24,7 @@ class _Loaded:
         self.model = model
         self.config = model.config
         self.tokenizer = None
+        self.name = "tiny-" + model.config.model_type
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -228,3 +229,39 @@ def test_budget_that_one_shot_would_exceed_is_met_by_chunked_prefill(real_model)
     assert row.prefill_steps > 1 and row.prefill_chunk % 32 == 0
     assert row.planned_peak_mib * memory.MIB <= budget
     assert row.peak_rss_mib * memory.MIB <= budget, (row.peak_rss_mib, budget / memory.MIB)
+
+
+# ------------------------------------------------------------------ run MODEL.onnx: refused before loading
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    from edgeattn.export.exporter import export_loaded
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_loaded(_Loaded(tiny_model("gemma3")), out, AttentionConfig(kind="dhsa", budget=64, chunk_size=16))
+    return out
+
+
+def _listing(folder) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "edited", "no-manifest"])
+def test_run_refuses_an_onnx_file_that_is_not_its_export(damage: str, tiny_export, tmp_path) -> None:
+    import shutil
+
+    folder = tmp_path / damage
+    shutil.copytree(tiny_export.parent, folder)
+    path = folder / tiny_export.name
+    if damage == "corrupt":
+        path.write_bytes(b"not an onnx file at all")
+    elif damage == "edited":
+        path.write_bytes(path.read_bytes() + b"\0")
+    else:
+        path.with_name(path.stem + ".manifest.json").unlink()
+    before = _listing(folder)
+    res = runner.invoke(app, ["run", str(path), "--synthetic-length", "32"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error:") and "re-export" in res.output and "Traceback" not in res.output
+    assert _listing(folder) == before  # nothing written beside the file
