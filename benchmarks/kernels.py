@@ -1,8 +1,9 @@
 """Attention kernels side by side on this CPU: TVM DHSA, TVM dense flash, PyTorch SDPA, ONNX Runtime.
 
 One attention layer of the default model's global layers (Gemma 3 270M: 4 query heads sharing
-1 KV head, head_dim 256), causal prefill at each length, DHSA budget 2048 tokens, chunks of 32,
-4 sinks.  Prints latency, GFLOP/s and speed-up over SDPA, with the CPU model and thread count.
+1 KV head, head_dim 256), causal prefill at each length, DHSA budget 2048 tokens, the default
+chunk length (edgeattn.config.DEFAULT_CHUNK_SIZE, --chunk-size), 4 sinks.  Prints latency, GFLOP/s
+and speed-up over SDPA, with the CPU model and thread count.
 
 FLOPs: dense counts 2·2·D·L²/2 per query head (causal); DHSA counts the scores it actually keeps
 (kept key tokens per query, from the selection the kernel made) × 2·2·D.  The DHSA time is
@@ -34,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
+from edgeattn.config import DEFAULT_CHUNK_SIZE  # noqa: E402
+
 HQ, HKV, D = 4, 1, 256
-CHUNK, SINKS = 32, 4
+SINKS = 4
 IMPLS = ("tvm-dhsa", "tvm-dense", "torch-sdpa", "ort-gqa")
 
 
@@ -43,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,16384,32768,65536", help="comma-separated sequence lengths")
     p.add_argument("--budget", type=int, default=2048, help="DHSA token budget N_b")
+    p.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DHSA chunk length (default: the operator's)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=0, help="timed runs per point (default: 3 up to 8K, 1 above)")
     p.add_argument(
@@ -147,7 +153,7 @@ class Bench:
         for x in self.impls:
             if x not in IMPLS:
                 raise SystemExit(f"unknown implementation {x!r}; choose from {', '.join(IMPLS)}")
-        self.cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=CHUNK, sinks=SINKS)
+        self.cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=args.chunk_size, sinks=SINKS)
         self.target = registry.host_target()
         common = dict(heads_q=HQ, heads_kv=HKV, head_dim=D)
         self.sel_k = registry.get_kernel(OP_SELECT, self.target, budget=args.budget, sinks=SINKS, **common)
@@ -181,7 +187,7 @@ class Bench:
         k = torch.randn(1, HKV, length, D, generator=gen)
         v = torch.randn(1, HKV, length, D, generator=gen)
         q0, k0, v0 = q[0], k[0], v[0]
-        bnd = dhsa.fixed_boundaries(length, CHUNK).to(torch.int32)
+        bnd = dhsa.fixed_boundaries(length, args.chunk_size).to(torch.int32)
         bt = reg.empty(bnd.shape, "int32").copy_(bnd)
         nc = len(bnd) - 1
         m = reg.selection_width(bnd.numpy(), args.budget, SINKS)
@@ -205,7 +211,8 @@ class Bench:
                 impl=impl, length=length, latency_s=lat, min_s=min(times), times_s=times,
                 cpu_s=cpu_s, cpu_util=cpu_s / (sum(times) * threads), gflops=flops / lat / 1e9,
                 peak_extra_mib=mem.extra / MIB, threads=threads, budget=args.budget, heads_q=HQ, heads_kv=HKV,
-                head_dim=D, chunk=CHUNK, sinks=SINKS, flops=flops, gflops_cpu=flops * len(times) / cpu_s / 1e9,
+                head_dim=D, chunk=args.chunk_size, sinks=SINKS, flops=flops,
+                gflops_cpu=flops * len(times) / cpu_s / 1e9,
             )  # fmt: skip
             return rows[impl]
 
@@ -372,7 +379,7 @@ def main(argv=None) -> int:
     print(
         C.header(
             f"Attention kernels, Hq={HQ} Hkv={HKV} D={D}, causal prefill, DHSA budget {args.budget}, "
-            f"chunk {CHUNK}, sinks {SINKS}",
+            f"chunk {args.chunk_size}, sinks {SINKS}",
             threads,
         )
     )

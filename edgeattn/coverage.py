@@ -64,3 +64,36 @@ def kept_mass(
     probs = dense_probs(q, k, scaling) if probs is None else probs
     hq, hkv = q.shape[1], k.shape[1]
     return sum(float((probs[h] * mask[h // (hq // hkv)]).sum(-1).mean()) for h in range(hq)) / hq
+
+
+def kept_mass_streamed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    selections: dict[str, tuple[torch.Tensor, torch.Tensor, int]],
+    rows: int = 256,
+) -> dict[str, float]:
+    """Kept attention mass of several prefill selections at once, without an L×L buffer.
+
+    ``selections`` maps a name to ``(boundaries, keep [1, Hkv, Nc, Nc], sinks)`` (a
+    :func:`edgeattn.dhsa.select_chunks` result).  The dense softmax is computed ``rows``
+    queries at a time and shared by every selection, so 16K-32K tokens fit in memory.
+    """
+    length = k.shape[2]
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    kpos = torch.arange(length)
+    chunk_ids = {name: dhsa.chunk_of_token(b, length) for name, (b, _, _) in selections.items()}
+    totals = dict.fromkeys(selections, 0.0)
+    for a in range(0, length, rows):
+        e = min(length, a + rows)
+        qpos = torch.arange(a, e)
+        causal = kpos[None, :] <= qpos[:, None]
+        logits = torch.stack([q[0, h, a:e] @ k[0, h // g, :e].T for h in range(hq)]) * scaling
+        probs = torch.softmax(logits.masked_fill(~causal[:, :e], -torch.inf), -1)  # [Hq, rows, e]
+        for name, (_, keep, sinks) in selections.items():
+            kc = chunk_ids[name]
+            kept = keep[0][:, kc[qpos]][:, :, kc[:e]] | (kpos[:e] < sinks)[None, None, :]  # [Hkv, rows, e]
+            kept = kept.repeat_interleave(g, dim=0)
+            totals[name] += float((probs * kept).sum())
+    return {name: t / (hq * length) for name, t in totals.items()}

@@ -143,13 +143,18 @@ def chunk_scores(
     return scores.masked_fill(future, float("-inf"))
 
 
-def select_chunks(scores: torch.Tensor, k_boundaries: torch.Tensor, budget: int, sinks: int) -> torch.Tensor:
+def select_chunks(
+    scores: torch.Tensor, k_boundaries: torch.Tensor, budget: int, sinks: int, local: int = 0
+) -> torch.Tensor:
     """Key chunks each query chunk keeps: bool [B, H, Nq, Nk], own chunk included.
 
     The query chunks are the last Nq key chunks.  Sink tokens are kept apart
     from this mask (every query keeps keys < ``sinks``); chunks are charged
     only for their tokens outside the sinks, so the kept set is exactly
     own chunk ∪ sinks ∪ selected chunks and its size is at most ``budget``.
+    ``local`` > 0: the key chunks that reach into the ``local`` tokens before the
+    own chunk (end > start(own) - local) rank first (score +inf), so they are kept
+    whenever the budget holds them: a band of recent keys, beside the sinks.
     """
     nq, nk = scores.shape[-2:]
     offset = nk - nq
@@ -161,6 +166,9 @@ def select_chunks(scores: torch.Tensor, k_boundaries: torch.Tensor, budget: int,
     remaining = budget - lengths[own] - torch.clamp(starts[own], max=sinks)
 
     eligible = torch.arange(nk, device=scores.device)[None, :] < own[:, None]  # strictly before own chunk
+    if local > 0:
+        near = k_boundaries[1:][None, :] > (starts[own] - local)[:, None]
+        scores = scores.masked_fill(eligible & near, float("inf"))
     ranked = scores.masked_fill(~eligible, float("-inf"))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     taken_charge = charge[order].masked_fill(~eligible.expand_as(ranked).gather(-1, order), 0)
@@ -194,7 +202,7 @@ def select_for(
     q_len, k_len = q.shape[2], k.shape[2]
     qb = query_boundaries(k_boundaries, q_len, k_len)
     scores = chunk_scores(q, k, qb, k_boundaries, normalize=cfg.kind == "dhsa")
-    return qb, select_chunks(scores, k_boundaries, cfg.budget, cfg.sinks)
+    return qb, select_chunks(scores, k_boundaries, cfg.budget, cfg.sinks, cfg.local)
 
 
 def kept_token_mask(
@@ -265,6 +273,8 @@ def dense_attention(
 ) -> torch.Tensor:
     """Causal dense attention [B,Hq,Lq,D]; SDPA's fused kernel whenever it applies."""
     q_len, k_len = q.shape[2], k.shape[2]
+    if window is not None and window < k_len and q_len >= 4 * window:
+        return banded_attention(q, k, v, scaling, softcap, window)
     if softcap is None:
         if window is None or window >= k_len:
             if q_len == k_len:
@@ -274,6 +284,37 @@ def dense_attention(
         mask = causal_mask(q_len, k_len, window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
     return masked_attention(q, k, v, causal_mask(q_len, k_len, window, q.device), scaling, softcap)
+
+
+def banded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    window: int,
+) -> torch.Tensor:
+    """Sliding-window causal attention in query blocks of ``window`` rows: O(L·window), not O(L²).
+
+    Block ``[a, a + window)`` of queries sees keys ``[a - window + 1, a + window)`` at most, so
+    each block is one masked attention over 2·window keys.  Same result as the full masked
+    attention (the masked keys get weight 0 either way); what makes long prompts affordable
+    for Gemma's sliding layers, which transformers computes with an L×L mask.
+    """
+    q_len, k_len = q.shape[2], k.shape[2]
+    q_start = k_len - q_len
+    out = torch.empty_like(q)
+    for a in range(0, q_len, window):
+        b = min(q_len, a + window)
+        lo = max(0, q_start + a - window + 1)
+        hi = q_start + b
+        qb, kb, vb = q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi]
+        mask = causal_mask(b - a, hi - lo, window, q.device)  # queries are the last rows of [lo, hi)
+        if softcap is None:
+            out[:, :, a:b] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scaling, enable_gqa=True)
+        else:
+            out[:, :, a:b] = masked_attention(qb, kb, vb, mask, scaling, softcap)
+    return out
 
 
 def sparse_attention(

@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeattn.export.onnx_builder import BOOL, FLOAT, INT32, INT64, OPSET, NodeBuilder
+from edgeattn.kernels_tvm.abi import BAND_SCORE
 
 DOMAIN = "ai.edgeattn"
 DOMAIN_VERSION = 1
@@ -181,6 +182,11 @@ def chunk_select_function() -> onnx.FunctionProto:
     x_row = nb.unsqueeze(x, 0)  # [1, Nc]
     own_col = nb.unsqueeze(own, 1)  # [Nq, 1]
     eligible = nb.op("Less", x_row, own_col, hint="eligible")  # [Nq, Nc]: strictly before the own chunk
+    # the local band (attribute local, tokens): chunks ending after own_start - local rank first
+    local = nb.attr_const("local", "int")
+    near = nb.op("Greater", nb.unsqueeze(s["b_hi"], 0), nb.unsqueeze(nb.op("Sub", own_lo, local), 1))
+    band = nb.op("And", near, eligible, hint="local_band")  # [Nq, Nc]
+    scores = nb.op("Where", band, nb.const(BAND_SCORE, np.float32, hint="band_score"), scores)
     # tokens each chunk costs outside the sinks; what is left after the own chunk and the sinks
     sink_overlap = nb.op("Max", nb.op("Sub", nb.op("Min", s["b_hi"], sinks), nb.op("Min", s["b_lo"], sinks)), zero)
     charge = nb.op("Sub", s["lens"], sink_overlap, hint="charge")  # [Nc]
@@ -225,7 +231,7 @@ def chunk_select_function() -> onnx.FunctionProto:
         ["q", "k", "boundaries"],
         ["sel", "nsel"],
         nb,
-        {"budget": None, "sinks": 4, "max_selected": None, "normalize": 1},
+        {"budget": None, "sinks": 4, "max_selected": None, "normalize": 1, "local": 0},
         "DHSA chunk stage: pooled chunk scores and budgeted key-chunk selection (see export/OPS.md).",
     )
 

@@ -46,6 +46,12 @@ NUM_OUTPUTS = {OP_SELECT: 2, OP_SPARSE: 1, OP_DENSE: 1}
 SYMBOL = {OP_SELECT: "dhsa_chunk_select", OP_SPARSE: "dhsa_sparse_attention", OP_DENSE: "dense_flash_attention"}
 
 
+# The selection score of a key chunk in the local band (KernelSpec.local): above any real chunk
+# score, so band chunks rank first with ties by id, as the reference's +inf (finite, so the TIR
+# and ONNX comparisons never meet inf arithmetic).
+BAND_SCORE = 3.0e38
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One op instance: the compile-time parameters of a kernel (the cache key with the target).
@@ -55,6 +61,10 @@ class KernelSpec:
     (True) or block-sparse plain mean (False); selection only.  ``decode``: the shape class
     with one query (Lq == 1); a builder may return a kernel specialised for it, and the
     caller must then pass Lq == 1.  ``budget``/``sinks``: DHSA's N_b and sink count.
+    ``local``: selection only, the band of recent keys always kept (``AttentionConfig.local``).
+    ``query_tile``: sparse prefill only, a schedule hint, the queries per head of one CPU tile;
+    set it to the usual chunk length (a 16-token chunk in a 32-query tile wastes half the rows).
+    The result does not depend on it: every row sees the same key tiles in the same order.
     """
 
     op: str
@@ -69,6 +79,8 @@ class KernelSpec:
     budget: int = 2048
     normalize: bool = True
     decode: bool = False
+    local: int = 0
+    query_tile: int = 32
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -83,6 +95,10 @@ class KernelSpec:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if self.softcap is not None and self.softcap < 0:
             raise ValueError(f"softcap must be > 0 (or None/0 for off), got {self.softcap}")
+        if self.local < 0:
+            raise ValueError(f"local must be >= 0, got {self.local}")
+        if self.query_tile < 1:
+            raise ValueError(f"query_tile must be >= 1, got {self.query_tile}")
         if self.window is not None and self.window < 0:
             raise ValueError(f"window must be >= 1 (or None/0 for off), got {self.window}")
 
@@ -112,9 +128,9 @@ class KernelSpec:
         """The part of the spec that changes the generated code for ``op`` (cache key)."""
         common = (self.op, self.heads_q, self.heads_kv, self.head_dim, self.dtype)
         if self.op == OP_SELECT:
-            return common + (self.budget, self.sinks, self.normalize)
+            return common + (self.budget, self.sinks, self.normalize) + ((self.local,) if self.local else ())
         attn = common + (round(self.scale, 12), self.cap, self.win, self.decode)
-        return attn + ((self.sinks,) if self.op == OP_SPARSE else ())
+        return attn + ((self.sinks, self.query_tile) if self.op == OP_SPARSE else ())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

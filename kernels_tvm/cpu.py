@@ -106,8 +106,8 @@ def default_schedule(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule
     elif spec.op == OP_DENSE:
         qt = max(lanes, 128 // g)
     else:
-        # DHSA: a query chunk (32 tokens by default) is one tile per head
-        qt = max(lanes, min(32, 128 // g))
+        # DHSA: a query chunk is one tile per head; spec.query_tile is the usual chunk length
+        qt = max(lanes, min(-(-spec.query_tile // lanes) * lanes, 128 // g))
     r = g * qt
     # tail blocks handle R % rb and R % ri; only keep blocks no wider than R
     while rb > r or rb % lanes:

@@ -49,6 +49,7 @@ class AttentionCase:
     ref_sparse: np.ndarray  # float32 [Hq, Lq, D]
     ref_dense: np.ndarray  # float32 [Hq, Lq, D]
     extra: dict = field(default_factory=dict)
+    local: int = 0  # AttentionConfig.local: the band of recent keys the selection always keeps
 
     def spec(self, op: str) -> KernelSpec:
         return KernelSpec(
@@ -61,6 +62,7 @@ class AttentionCase:
             window=self.window,
             sinks=self.sinks,
             budget=self.budget,
+            local=self.local if op == OP_SELECT else 0,
         )
 
     def args(self, op: str) -> list[np.ndarray]:
@@ -92,6 +94,7 @@ def make_case(
     dtype: str = "float32",
     seed: int = 0,
     key_offset: float = 0.0,
+    local: int = 0,
 ) -> AttentionCase:
     """Random q/k/v, boundaries (fixed ``chunk`` or random lengths in ``variable_chunks``) and references.
 
@@ -115,7 +118,7 @@ def make_case(
         bounds = dhsa.fixed_boundaries(k_len, chunk).numpy()
     tb = torch.from_numpy(bounds)
     qt, kt, vt = (torch.from_numpy(x.astype(np.float32))[None] for x in (q, k, v))
-    cfg = AttentionConfig(kind="dhsa", budget=budget, chunk_size=chunk, sinks=sinks)
+    cfg = AttentionConfig(kind="dhsa", budget=budget, chunk_size=chunk, sinks=sinks, local=local)
     _, keep = dhsa.select_for(qt, kt, cfg, tb)
     scaling = 1.0 / math.sqrt(head_dim)
     with torch.no_grad():
@@ -149,6 +152,7 @@ def make_case(
         nsel=nsel,
         ref_sparse=ref_sparse,
         ref_dense=ref_dense,
+        local=local,
     )
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import tvm
 from tvm.script import tirx as T
 
-from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
+from .abi import BAND_SCORE, OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
 from .toplist import toplist_macros
 
 NEG = -(2.0**127)  # "minus infinity" that keeps exp() and max() finite; exact in fp32 (no inf arithmetic)
@@ -408,6 +408,7 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
         raise ValueError(f"build_chunk_select needs op {OP_SELECT}, got {spec.op}")
     hq, hkv, d, g, dtype = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group, spec.dtype
     budget, sinks, normalize = int(spec.budget), int(spec.sinks), bool(spec.normalize)
+    local = int(spec.local)
     max_threads = _target_limit(target, "max_num_threads", 256)
     tp = min(_pow2_floor(d), 64, max_threads)  # threads over D in the pooling kernel
     npool = (d + tp - 1) // tp
@@ -518,6 +519,9 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
                             sv[0] = sv[0] + qbar[dd] * kbar[h, blo * nt + tx, dd]
                         if normalize:
                             sv[0] = sv[0] - T.sqrt(T.Cast("float32", B[blo * nt + tx + 1] - B[blo * nt + tx])) * cen[0]
+                        if local > 0:
+                            if B[blo * nt + tx + 1] > ks - local:  # local band first (abi.BAND_SCORE)
+                                sv[0] = T.float32(BAND_SCORE)
                         blk[tx] = sv[0]
                     T.tvm_storage_sync("shared")
                     if tx == 0:

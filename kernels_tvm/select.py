@@ -14,6 +14,10 @@ Semantics are exactly those of :func:`edgeattn.dhsa.select_for` (see KERNELS.md)
    ``budget - len(own) - min(start(own), sinks)``: a prefix of the order.
 4. Output: kept ids ascending, then ``own``; tail filled with -1; nsel = count.
 
+With ``spec.local`` > 0 the key chunks that end after ``start(own) - local`` (the band of recent
+keys) score ``abi.BAND_SCORE`` instead, above every real score: they rank first, ties by id,
+as the reference's +inf.
+
 No sort library: the candidates go through an insertion top-list of capacity M (the
 width of ``sel``, :func:`abi.max_selected` guarantees the kept prefix fits), which
 costs O(Nc) per row plus O(M) per insertion.  The whole kernel is O(L·D + Nc²·D/2)
@@ -26,7 +30,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .abi import OP_SELECT, SYMBOL, KernelSpec
+from .abi import BAND_SCORE, OP_SELECT, SYMBOL, KernelSpec
 from .toplist import toplist_macros
 
 
@@ -45,6 +49,7 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
     dtype = spec.dtype
     budget, sinks = int(spec.budget), int(spec.sinks)
     normalize = bool(spec.normalize)
+    local = int(spec.local)
     vl = _lanes(d, lanes)
     nd = d // vl
     ginv = 1.0 / g
@@ -140,6 +145,9 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
                     sc[0] = sc[0] + part[dv]
                 if normalize:
                     sc[0] = sc[0] - T.sqrt(T.Cast("float32", B[x + 1] - B[x])) * qmu[0]
+                if local > 0:
+                    if B[x + 1] > ks - local:  # the local band ranks first (the reference's +inf)
+                        sc[0] = T.float32(BAND_SCORE)
                 insert(topv, SEL, hh, c, M, sc[0], x, iv)
             finish(B, SEL, NSEL, hh, c, M, own, ks, ke, iv)
 

@@ -49,6 +49,7 @@ def run_ops(q, k, v, boundaries, cfg: AttentionConfig, scaling=0.25, softcap=Non
         sinks=cfg.sinks,
         max_selected=width,
         normalize=int(cfg.kind == "dhsa"),
+        local=cfg.local,
     )
     sparse = ops.single_op_model(
         ops.OP_SPARSE,
@@ -111,6 +112,26 @@ def test_variable_boundaries_as_input(key_offset: float):
     sel, _, out, width = run_ops(q, k, v, bounds, cfg, min_chunk=1)
     _, keep = dhsa.select_for(q, k, cfg, bounds)
     assert (sel == _sel_from_keep(keep, width)).all()
+    ref = dhsa.sparse_attention(q, k, v, keep, bounds, 0.25, 2)
+    assert np.abs(out - ref.numpy()).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kind,lq,local", [("dhsa", 45, 10), ("block-sparse", 45, 20), ("dhsa", 1, 10), ("dhsa", 7, 30)]
+)
+def test_local_band_matches_reference(kind: str, lq: int, local: int):
+    """AttentionConfig.local: the chunks within ``local`` tokens before the own chunk rank first,
+    in the function body as in the reference (prefill, decode, a query suffix)."""
+    torch.manual_seed(3)
+    lk = 45
+    q, k, v = torch.randn(1, 4, lq, 8), torch.randn(1, 2, lk, 8) + 1.0, torch.randn(1, 2, lk, 8)
+    cfg = AttentionConfig(kind=kind, budget=24, chunk_size=4, sinks=2, local=local)
+    bounds = dhsa.fixed_boundaries(lk, 4)
+    sel, _, out, width = run_ops(q, k, v, bounds, cfg)
+    _, keep = dhsa.select_for(q, k, cfg, bounds)
+    _, keep_plain = dhsa.select_for(q, k, cfg.with_(local=0), bounds)
+    assert (sel == _sel_from_keep(keep, width)).all()
+    assert not torch.equal(keep, keep_plain)  # the band changes the selection here
     ref = dhsa.sparse_attention(q, k, v, keep, bounds, 0.25, 2)
     assert np.abs(out - ref.numpy()).max() < 1e-5
 
