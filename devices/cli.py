@@ -162,9 +162,9 @@ def add_command(
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the device before an error.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace your existing profile of that name.")] = False,
 ) -> None:
-    """Write a device profile to your config directory, e.g.
+    """Write a device profile to your config directory (start from one with --like, change what you pass).
 
-    edgeattn devices add lab-pi --like rpi5 --tracker 10.0.0.2:9190 --key lab-pi --memory-budget 3GiB
+    Example: edgeattn devices add lab-pi --like rpi5 --tracker 10.0.0.2:9190 --key lab-pi --memory-budget 3GiB
     """
     base = P.get_profile(like).to_dict() if like else {"description": "", "family": "board"}
     base.pop("notes", None)  # they describe the original's budget and set-up, not this device's
@@ -280,10 +280,13 @@ def serve_command(
 ) -> None:
     """Device agent: a TVM RPC server with edgeattn's probes (peak RSS, memory, CPU MHz, temperature).
 
-    Run it on the Pi, the Jetson or the phone's shell; it needs only TVM's runtime and numpy there
-    (`python -m edgeattn.devices.agent` is the same without typer). With --tracker and --key it
-    registers with a TVM RPC tracker, so `edgeattn run --device NAME` reaches it through the tracker.
-    It binds to 127.0.0.1 unless --host says otherwise: anyone who reaches the port can run code.
+    Run it on the Pi or the Jetson: it needs only TVM's runtime and numpy there.
+
+    `python -m edgeattn.devices.agent` (or devices/agent.py copied alone) is the same without typer.
+
+    With --tracker and --key it registers with a TVM RPC tracker, which hands it to clients asking for the key.
+
+    It binds to 127.0.0.1 unless --host says otherwise: TVM RPC has no authentication.
     """
     if tracker is not None:
         try:

@@ -24,6 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from edgeattn.runtime.tvm_backend import (
+    ARTIFACT_FORMAT,
+    ARTIFACT_VERSION,
+    LIBRARY,
+    MANIFEST,
+    LoadedArtifact,
+    TvmSession,
+    load_params,
+    verify_files,
+)
+
 from .connect import RemoteDevice, open_device
 from .errors import DeviceError
 from .profiles import DeviceProfile, format_size, get_profile
@@ -32,8 +43,6 @@ from .profiles import DeviceProfile, format_size, get_profile
 def check_artifact_for(profile: DeviceProfile, folder: Path) -> dict[str, Any]:
     """The artifact's manifest, after every host-side check for ``profile``; DeviceError otherwise."""
     import tvm
-
-    from edgeattn.runtime.tvm_backend import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, verify_files
 
     mfile = folder / MANIFEST
     try:
@@ -77,93 +86,67 @@ def check_budget(profile: DeviceProfile, manifest: dict[str, Any]) -> int:
     return planned
 
 
-class RemoteTvmSession:
-    """:class:`edgeattn.runtime.session.Session` over an artifact loaded on a remote device."""
+class RemoteTvmSession(TvmSession):
+    """:class:`edgeattn.runtime.session.Session` over an artifact loaded on a remote device.
 
-    def __init__(self, device: RemoteDevice, profile: DeviceProfile, folder: Path, manifest: dict[str, Any]) -> None:
+    The runtime's TvmSession (same feeds, same KV-cache handling) with the
+    library, the weights and the KV cache in device memory, the VM called in
+    its RPC form, and every call guarded: a dropped server is one DeviceLostError.
+    """
+
+    def __init__(
+        self, device: RemoteDevice, profile: DeviceProfile, folder: Path, manifest: dict[str, Any], owns_device: bool
+    ):
         from tvm import relax
 
-        from edgeattn.runtime.session import SessionInfo
-        from edgeattn.runtime.tvm_backend import LIBRARY, load_params
-
         self.remote = device
+        self.owns_device = owns_device  # close() ends the connection only if this session opened it
         self.profile = profile
-        self.manifest = manifest
         self.emulated = profile.emulated or device.emulated  # its timings are never device performance
         self.planned_bytes = check_budget(profile, manifest)
-        att = (manifest["export"].get("attention") or {}).get("kind", "dense")
-        label = profile.name + (" (emulated)" if self.emulated else "")
-        self.info = SessionInfo(backend="tvm", attention=str(att), kernels="tvm", device=label)
-        model = manifest["export"]["model"]
-        self.layers = int(model["layers"])
-        self.max_context = int(manifest["max_context"])
-        self._kv_shape = (1, int(model["kv_heads"]), 0, int(model["head_dim"]))
         sess = device.session
         family = manifest["target"]["family"]
         name = f"edgeattn-{manifest['key'][:16]}.so"
         with device.guard("uploading the model library"):
             sess.upload(str(folder / LIBRARY), target=name)
             lib = sess.load_module(name)
-            self.dev = sess.cpu(0) if family == "cpu" else sess.device(family, 0)
-            if not self.dev.exist:
+            dev = sess.cpu(0) if family == "cpu" else sess.device(family, 0)
+            if not dev.exist:
                 raise DeviceError(f"device {profile.name} has no {family} device for {folder}")
-            self.vm = relax.VirtualMachine(lib, self.dev)
+            vm = relax.VirtualMachine(lib, dev)
         with device.guard("copying the weights"):
-            self.params = load_params(folder, manifest, self.dev)
-        self.reset()
+            params = load_params(folder, manifest, dev)
+            art = LoadedArtifact(path=folder, manifest=manifest, vm=vm, params=params, device=dev)
+            super().__init__(art, device_name=profile.name + (" (emulated)" if self.emulated else ""))
 
     def reset(self) -> None:
-        import tvm
-
-        empty = np.zeros(self._kv_shape, np.float32)
         with self.remote.guard("resetting the KV cache"):
-            self._past = [tvm.runtime.tensor(empty, self.dev) for _ in range(2 * self.layers)]
-        self._cached = 0
-
-    @property
-    def cached_tokens(self) -> int:
-        return self._cached
+            super().reset()
 
     def append(self, ids: Sequence[int]) -> np.ndarray:
-        import tvm
+        with self.remote.guard(f"running {len(ids)} token(s)"):
+            return super().append(ids)
 
-        n = len(ids)
-        if n == 0:
-            raise ValueError("append() needs at least one token")
-        total = self._cached + n
-        if total > self.max_context:
-            raise DeviceError(
-                f"{total} tokens exceed the artifact's max context {self.max_context}; "
-                f"compile with --max-context {total} or more"
-            )
-        with self.remote.guard(f"running {n} token(s)"):
-            feed = [
-                tvm.runtime.tensor(np.asarray(ids, np.int64)[None], self.dev),
-                tvm.runtime.tensor(np.ones((1, total), np.int64), self.dev),
-                tvm.runtime.tensor(np.arange(self._cached, total, dtype=np.int64)[None], self.dev),
-                *self._past,
-            ]
-            self.vm.set_input("main", *feed, *self.params)
-            self.vm.invoke_stateful("main")
-            out = self.vm.get_outputs("main")
-            logits = out[0].numpy()
-        self._past = list(out[1 : 1 + 2 * self.layers])
-        self._cached = total
-        return logits.reshape(-1, logits.shape[-1])[-1].astype(np.float32)
+    def _call_main(self, feed: list[Any]) -> Sequence[Any]:
+        vm = self.art.vm  # a VM call cannot return a tuple across RPC: set inputs, invoke, fetch outputs
+        vm.set_input("main", *feed, *self.art.params)
+        vm.invoke_stateful("main")
+        return vm.get_outputs("main")
 
     def reset_peak(self) -> dict[str, Any] | None:
         """Start a peak-memory measurement on the device (None: a plain TVM server without probes)."""
         return self.remote.reset_peak()
 
     def peak_rss(self) -> int | None:
-        """The device process's peak resident bytes since :meth:`reset_peak` (VmHWM), None without probes."""
+        """The device process's peak resident bytes since :meth:`reset_peak` (VmHWM); None without probes."""
         probe = self.remote.probe()
         return None if probe is None else probe.get("peak_rss")
 
     def close(self) -> None:
-        self._past, self.params = [], []
-        self.vm = None
-        self.remote.close()
+        super().close()
+        self.art.params.clear()
+        if self.owns_device:
+            self.remote.close()
 
     def __enter__(self) -> RemoteTvmSession:
         return self
@@ -184,7 +167,13 @@ def open_remote_session(
 ) -> RemoteTvmSession:
     """Check ``artifact_dir`` for the device, connect (or use ``device``), upload and load it there.
 
-    ``tracker``/``key`` override the profile's connection (``run --tracker``).
+    Returns a RemoteTvmSession: a runtime Session (``append``/``reset``/``close``,
+    ``info.device`` ending in "(emulated)" for the emulator) plus ``reset_peak()``,
+    ``peak_rss()``, ``planned_bytes`` and ``emulated``.
+
+    ``tracker``/``key`` override the profile's connection (``run --tracker``).  Pass
+    ``device`` (from :func:`~edgeattn.devices.connect.open_device`) to run several
+    artifacts (dense and DHSA) over one connection; the session then leaves it open.
     Every check that can fail on the host runs before connecting.
     """
     prof = get_profile(profile) if isinstance(profile, str) else profile
@@ -192,7 +181,8 @@ def open_remote_session(
     manifest = check_artifact_for(prof, folder)
     remote = device or open_device(prof, tracker=tracker, key=key, timeout=timeout, session_timeout=session_timeout)
     try:
-        return RemoteTvmSession(remote, prof, folder, manifest)
+        return RemoteTvmSession(remote, prof, folder, manifest, owns_device=device is None)
     except BaseException:
-        remote.close()
+        if device is None:
+            remote.close()
         raise
