@@ -247,6 +247,7 @@ def emulate_arm64_command(
         raise DeviceError(str(err)) from None
     except (RuntimeError, TimeoutError) as err:
         raise DeviceError(f"the emulated device did not start: {str(err).splitlines()[0]}") from None
+    dev.release_session()  # free the server for its clients (it serves one session at a time)
     try:
         where = f"registered with tracker {tracker} under key {key!r}" if tracker else "direct RPC"
         typer.echo(f"[emulate] serving on 127.0.0.1:{dev.port} ({where}); pid {dev.pid}")

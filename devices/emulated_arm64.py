@@ -293,6 +293,12 @@ class EmulatedArm64Device:
             raise RuntimeError("the emulated device is not running: use `with EmulatedArm64Device() as dev:`")
         return self._session
 
+    def release_session(self) -> None:
+        """Close the session ``start`` opened: a TVM server serves one session at a time, so a server
+        left for other clients (``edgeattn devices emulate arm64`` without a tracker) must not hold it."""
+        session, self._session = self._session, None
+        del session  # the RPC client closes its socket when the last reference goes
+
     def new_session(self) -> Any:
         """Another RPC session to the running server (each session gets its own remote worker)."""
         from tvm import rpc
