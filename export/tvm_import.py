@@ -333,7 +333,9 @@ class _Lowering:
             unique = f"{name}_{len(self.gvars)}"
             # opaque: FuseOps must not fuse a hand-written kernel into its neighbours (FuseTIR would
             # inline its loop nests, and they are not TensorIR blocks)
+            # and already scheduled: DLight (GPU targets) must leave it alone
             func = build().with_attr("global_symbol", unique).with_attr("op_pattern", OPAQUE_PATTERN)
+            func = func.with_attr("tirx.is_scheduled", True)
             gv = self.gvars[key] = bb.add_func(func, unique)
             self.kernels.append(f"{unique}: {key}")
         return gv

@@ -71,7 +71,7 @@ def gemm_primfunc(k_dim: int, n_dim: int, tile: GemmTile, dtype: str = "float32"
 
     @T.prim_func
     def gemm(a_h: T.handle, w_h: T.handle, c_h: T.handle):
-        T.func_attr({"global_symbol": "edgeattn_gemm", "tirx.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"global_symbol": "edgeattn_gemm", "tirx.noalias": True, "tirx.is_scheduled": True})
         M = T.int64()
         A = T.match_buffer(a_h, (M, K), dtype)
         W = T.match_buffer(w_h, (npan, K, nb), dtype)
@@ -126,7 +126,7 @@ def packed_gather_primfunc(k_dim: int, n_dim: int, tile: GemmTile, dtype: str = 
 
     @T.prim_func
     def gather(w_h: T.handle, ids_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": "edgeattn_packed_gather", "tirx.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"global_symbol": "edgeattn_packed_gather", "tirx.noalias": True, "tirx.is_scheduled": True})
         S = T.int64()
         W = T.match_buffer(w_h, (npan, K, nb), dtype)
         IDS = T.match_buffer(ids_h, (S,), "int64")
@@ -149,7 +149,7 @@ def fixed_boundaries_primfunc(chunk: int, gpu: bool = False) -> tvm.tirx.PrimFun
 
     @T.prim_func
     def boundaries(k_h: T.handle, b_h: T.handle):
-        T.func_attr({"global_symbol": "edgeattn_fixed_boundaries", "tirx.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"global_symbol": "edgeattn_fixed_boundaries", "tirx.noalias": True, "tirx.is_scheduled": True})
         B = T.int64()
         H = T.int64()
         L = T.int64()
@@ -161,7 +161,7 @@ def fixed_boundaries_primfunc(chunk: int, gpu: bool = False) -> tvm.tirx.PrimFun
 
     @T.prim_func
     def boundaries_gpu(k_h: T.handle, b_h: T.handle):
-        T.func_attr({"global_symbol": "edgeattn_fixed_boundaries", "tirx.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"global_symbol": "edgeattn_fixed_boundaries", "tirx.noalias": True, "tirx.is_scheduled": True})
         B = T.int64()
         H = T.int64()
         L = T.int64()
@@ -181,7 +181,7 @@ def fixed_boundaries_primfunc(chunk: int, gpu: bool = False) -> tvm.tirx.PrimFun
 
 def _is_scheduled(func: tvm.tirx.PrimFunc) -> bool:
     attrs = func.attrs
-    return attrs is not None and bool(attrs.get("tir.is_scheduled", False))
+    return attrs is not None and bool(attrs.get("tirx.is_scheduled", False))
 
 
 def _static(extent: Any) -> int | None:
@@ -244,7 +244,7 @@ def schedule_parallel_vectorize(func: tvm.tirx.PrimFunc, lanes: int) -> tvm.tirx
             continue
     if not changed:
         return None
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 @tvm.transform.module_pass(opt_level=0, name="edgeattn.CpuParallelVectorize")
