@@ -142,6 +142,16 @@ class RemoteTvmSession(TvmSession):
         probe = self.remote.probe()
         return None if probe is None else probe.get("peak_rss")
 
+    def resident_bytes(self) -> int | None:
+        """The device process's resident bytes now (for a memory plan made after the warm-up)."""
+        probe = self.remote.probe()
+        return None if probe is None else probe.get("rss")
+
+    def peak_meter(self) -> DevicePeak:
+        """``with sess.peak_meter() as mem: ...`` -> ``mem.start``, ``mem.peak``, ``mem.extra`` in bytes,
+        measured on the device (VmHWM reset at entry), like the runtime's host ``PeakRSS``."""
+        return DevicePeak(self)
+
     def close(self) -> None:
         super().close()
         self.art.params.clear()
@@ -153,6 +163,35 @@ class RemoteTvmSession(TvmSession):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DevicePeak:
+    """Peak resident memory of a run on the device: the agent's VmHWM, reset when the block starts.
+
+    Same attributes as :class:`edgeattn.runtime.measure.PeakRSS` (``start``, ``peak``,
+    ``extra``), so the runner can measure a device run the way it measures the host;
+    all zero for a plain TVM server without the agent's probes (``available`` False).
+    """
+
+    def __init__(self, session: RemoteTvmSession) -> None:
+        self.session = session
+        self.start = self.peak = 0
+        self.available = False
+
+    def __enter__(self) -> DevicePeak:
+        probe = self.session.reset_peak()
+        self.available = probe is not None and bool(probe.get("peak_reset"))
+        if self.available:
+            self.start = self.peak = int(probe["rss"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.available and exc[0] is None:
+            self.peak = int(self.session.peak_rss() or self.peak)
+
+    @property
+    def extra(self) -> int:
+        return max(0, self.peak - self.start)
 
 
 def open_remote_session(
