@@ -46,6 +46,9 @@ COLUMNS = [
     ("vs_dense", "x dense (same backend)"),
     ("flop_ratio", "dense/DHSA FLOPs"),
     ("of_flop_ratio", "speed-up / FLOP ratio"),
+    ("cpu_vs_shipped", "x transformers (CPU s)"),
+    ("cpu_vs_dense", "x dense (CPU s)"),
+    ("utilisation", "CPU util"),
     ("peak_rss_mib", "peak RSS MiB"),
     ("planned_peak_mib", "planned MiB"),
 ]
@@ -91,6 +94,7 @@ def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         "kernels": res.kernels,
         "length": length,
         "prefill_s": res.prefill_s,
+        "prefill_cpu_s": res.prefill_cpu_s,
         "tok_s": res.tok_s,
         "decode_tok_s": res.decode_tok_s,
         "peak_rss_mib": res.peak_rss_mib,
@@ -130,6 +134,10 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         dense = by.get((r["length"], f"{r['backend']}-dense"))
         r["vs_shipped"] = shipped["prefill_s"] / r["prefill_s"] if shipped else None
         r["vs_dense"] = dense["prefill_s"] / r["prefill_s"] if dense and r["attention"] != "dense" else None
+        # the same ratios in CPU seconds: what holds when other work shares the machine
+        r["cpu_vs_shipped"] = shipped["prefill_cpu_s"] / r["prefill_cpu_s"] if shipped else None
+        r["cpu_vs_dense"] = dense["prefill_cpu_s"] / r["prefill_cpu_s"] if r.get("vs_dense") else None
+        r["utilisation"] = r["prefill_cpu_s"] / (r["prefill_s"] * r["threads"])
         if dense and r["attention"] != "dense":
             r["flop_ratio"] = dense["flops"] / r["flops"]
             r["of_flop_ratio"] = r["vs_dense"] / r["flop_ratio"]
@@ -163,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             status = rec.get("error") or f"{rec['prefill_s']:.2f} s, peak {rec['peak_rss_mib']:.0f} MiB"
             print(f"  {row} @ {length}: {status}", file=sys.stderr, flush=True)
     add_ratios(records)
-    print(table([r for r in records if "error" not in r], COLUMNS))
+    shown = [
+        {**r, "peak_rss_mib": round(r["peak_rss_mib"]), "planned_peak_mib": round(r["planned_peak_mib"])}
+        for r in records
+        if "error" not in r
+    ]
+    print(table(shown, COLUMNS))
     for r in records:
         if "error" in r:
             print(f"{r['row']} @ {r['length']}: failed: {r['error']}")

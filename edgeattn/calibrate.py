@@ -353,9 +353,10 @@ def calibrate(
     ``loaded`` (a :class:`edgeattn.models.LoadedModel`) skips loading ``model_spec`` again.
     """
     from edgeattn import models, predictor, text
+    from edgeattn.config import resolve_threads
+    from edgeattn.runtime.threads import set_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(resolve_threads(threads))  # --threads means the same in every verb
     if seq_len < 64:
         raise ConfigError(f"--seq-len must be >= 64 (a few chunks per sequence), got {seq_len}")
     if sequences_n < 3:
@@ -480,7 +481,7 @@ def calibrate_command(
     ] = 16,
     epochs: Annotated[int, _opt("Passes over the training sequences.")] = 15,
     seed: Annotated[int, _opt("Random seed: same seed, text and thread count give the same weights.")] = 0,
-    threads: Annotated[int | None, _opt("CPU threads for torch (default: torch's choice).")] = None,
+    threads: Annotated[int | None, _opt("CPU threads, as in every verb (default: all cores).")] = None,
     threshold_rule: Annotated[
         str,
         _opt(

@@ -107,7 +107,9 @@ def run_on_host(
     fp = memory.footprint_of(hf_config, kernels=req.kernels)
     if req.synthetic_length is not None:  # known before loading: refuse 10M tokens before allocating them
         memory.check_context(fp, req.synthetic_length, req.max_new_tokens)
-    memory.check_weights_fit(fp, rss_bytes(), req.memory_budget)
+    # the runtime before the weights: a model passed in is already part of the RSS
+    runtime_only = max(0, rss_bytes() - (fp.weights if loaded is not None else 0))
+    memory.check_weights_fit(fp, runtime_only, req.memory_budget)
 
     loaded = loaded if loaded is not None else models.load(req.model)
     ids = prompt_ids(req, loaded.tokenizer, path)
@@ -221,6 +223,9 @@ def _measure(
             eos=getattr(hf_config, "eos_token_id", None),
             decode_text=(lambda t: tokenizer.decode(t, skip_special_tokens=True)) if tokenizer else None,
             layers=layers,
+            progress=lambda done, total: log(
+                f"{session.info.backend}/{session.info.attention}: prefilled {done}/{total}"
+            ),
         )
     finally:
         session.close()

@@ -12,6 +12,7 @@ the same way, in the same process, minutes apart on the same CPU:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class RunResult:
     device: str
     prompt_tokens: int
     prefill_s: float
+    prefill_cpu_s: float  # CPU seconds of every thread of the process: robust to other load on the machine
     tok_s: float
     new_tokens: int
     decode_tok_s: float | None
@@ -66,13 +68,20 @@ def warm_up(session: Session, vocab: int, tokens: int = WARM_UP_TOKENS) -> None:
     session.reset()
 
 
-def prefill(session: Session, ids: Sequence[int], chunk: int) -> tuple[np.ndarray, int]:
-    """Push the prompt through in steps of ``chunk`` tokens; returns (last logits, steps)."""
+def prefill(
+    session: Session, ids: Sequence[int], chunk: int, progress: Callable[[int, int], None] | None = None
+) -> tuple[np.ndarray, int]:
+    """Push the prompt through in steps of ``chunk`` tokens; returns (last logits, steps).
+
+    ``progress(done_tokens, total_tokens)`` is called after each step of a chunked prefill.
+    """
     logits = None
     steps = 0
     for start in range(0, len(ids), chunk):
         logits = session.append(ids[start : start + chunk])
         steps += 1
+        if progress is not None and chunk < len(ids):
+            progress(min(start + chunk, len(ids)), len(ids))
     assert logits is not None
     return logits, steps
 
@@ -96,6 +105,7 @@ def run_session(
     eos: int | Sequence[int] | None = None,
     decode_text: Callable[[list[int]], str] | None = None,
     layers: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Warm up, plan, prefill ``ids`` in the plan's chunks, decode greedily; measured as one row.
 
@@ -106,8 +116,10 @@ def run_session(
     warm_up(session, vocab)
     plan = plan_for(rss_bytes())
     with PeakRSS() as mem:
+        cpu0 = time.process_time()
         with Timer() as t_prefill:
-            logits, steps = prefill(session, ids, plan.prefill_chunk)
+            logits, steps = prefill(session, ids, plan.prefill_chunk, progress)
+        prefill_cpu = time.process_time() - cpu0
         with Timer() as t_decode:
             tokens = greedy(session, logits, max_new_tokens, eos)
     session.reset()
@@ -120,6 +132,7 @@ def run_session(
         device=info.device,
         prompt_tokens=len(ids),
         prefill_s=t_prefill.seconds,
+        prefill_cpu_s=prefill_cpu,
         tok_s=len(ids) / t_prefill.seconds,
         new_tokens=len(tokens),
         decode_tok_s=(n_decoded / t_decode.seconds) if n_decoded > 0 and t_decode.seconds > 0 else None,
