@@ -170,7 +170,17 @@ def run(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for torch, TVM and ONNX Runtime alike (default: all cores).")
     ] = None,
-    device: Annotated[str, typer.Option(help="Where to run: host (this machine).")] = "host",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where to run: host (this machine) or a device profile (`edgeattn devices list`): the model is "
+            "compiled for it and run there over TVM RPC, dense and DHSA side by side."
+        ),
+    ] = "host",
+    tracker: Annotated[
+        str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker (overrides the device profile's).")
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="The device key at the tracker (overrides the profile's).")] = None,
     backend: Annotated[
         str | None,
         typer.Option(
@@ -220,11 +230,6 @@ def run(
 
       edgeattn run ./my-gemma2-dir --prompt-file notes.txt
     """
-    if device != "host":
-        raise NotBuiltYetError(
-            f"--device {device}: running on a remote device (RPC, Android, emulated arm64) is not built yet; "
-            "it arrives with the device-connection issue. Use --device host."
-        )
     from edgeattn.runtime import host, memory
 
     configs = [
@@ -254,6 +259,9 @@ def run(
         kernels=kernels or host.kernels_available(),
         memory_budget=memory.parse_size(memory_budget),
         shipped_baseline=shipped,
+        device=device,
+        tracker=tracker,
+        key=key,
     )
     header, results = host.run_on_host(request, log=_log)
     if as_json:

@@ -40,6 +40,9 @@ class RunRequest:
     memory_budget: int | None = None
     shipped_baseline: bool = True  # add the model as shipped (transformers SDPA) as a row
     ort_dense_op: str | None = None  # export option for the ort backend's dense layers (None: by --kernels)
+    device: str = "host"  # a device profile name (edgeattn devices list): rows run there over TVM RPC
+    tracker: str | None = None  # HOST:PORT of a TVM RPC tracker, overriding the profile's
+    key: str | None = None  # the device key at that tracker
 
 
 def kernels_available() -> str:
@@ -99,6 +102,14 @@ def run_on_host(
     set_threads(req.threads)
     if exported_file(req.model) is not None:
         return _run_exported(req, exported_file(req.model), log)  # type: ignore[arg-type]
+    if req.device != "host":
+        from edgeattn.devices.profiles import get_profile
+
+        get_profile(req.device)  # an unknown device is refused before anything loads
+        if set(req.backends) - {"tvm"}:
+            raise ConfigError(f"--device {req.device} runs the compiled model: use --backend tvm (or leave it out)")
+        req.backends = ["tvm"]
+        req.shipped_baseline = False
     if not req.backends:
         req.backends = ["torch"]
     path = loaded.path if loaded is not None else models.resolve(req.model)
@@ -125,6 +136,11 @@ def run_on_host(
         kernels=req.kernels,
         layers=req.layers,
     )
+    if req.device != "host":
+        from edgeattn.runtime.device_run import run_on_device
+
+        header["device"] = req.device
+        return header, run_on_device(req, loaded, ids, hf_config, log, _measure)
     results: list[RunResult] = []
     for session, layers in _sessions(req, loaded):
         row_fp = memory.footprint_of(hf_config, backend=session.info.backend, kernels=session.info.kernels)

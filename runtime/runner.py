@@ -114,8 +114,11 @@ def run_session(
     and the measured peak count the same things.
     """
     warm_up(session, vocab)
-    plan = plan_for(rss_bytes())
-    with PeakRSS() as mem:
+    # a remote session measures memory on its device (the agent's VmHWM), the host's RSS otherwise
+    resident = getattr(session, "resident_bytes", lambda: None)() or rss_bytes()
+    plan = plan_for(resident)
+    meter = session.peak_meter() if hasattr(session, "peak_meter") else PeakRSS()
+    with meter as mem:
         cpu0 = time.process_time()
         with Timer() as t_prefill:
             logits, steps = prefill(session, ids, plan.prefill_chunk, progress)

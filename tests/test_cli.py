@@ -114,7 +114,7 @@ def test_model_without_tokenizer(tiny_dir: Path) -> None:
         (["--attention", "sparse"], "--attention takes"),
         (["--budget", "8"], "--budget >= 36"),
         (["--chunking", "magic"], "unknown chunking"),
-        (["--device", "android"], "not built yet"),
+        (["--device", "android"], "unknown device 'android'"),
         (["--prompt", "hi", "--synthetic-length", "5"], "only one of"),
     ],
 )
