@@ -148,6 +148,7 @@ def main() -> None:
     del loaded
     print(header("ort backend: prefill of the default model (one run per row, each in its own process)", args.threads))
     records = []
+    meta = {"threads": args.threads, "command": "python benchmarks/ort_prefill.py " + " ".join(sys.argv[1:])}
     for length in parse_lengths(args.lengths):
         for attention, dense_op, kernels in rows:
             rec = {"length": length, "attention": attention, "dense_op": dense_op, "kernels": kernels}
@@ -155,10 +156,9 @@ def main() -> None:
             rec |= run_child(args, files[attention, dense_op], kernels, length)
             records.append(rec)
             print("  " + " ".join(f"{k}={fmt(rec.get(k))}" for k, _ in COLUMNS), flush=True)
+            if args.json:  # after every row: a long run cut short keeps what it measured
+                write_json(args.json, records, meta)
     print(table(records, COLUMNS))
-    if args.json:
-        cmd = "python benchmarks/ort_prefill.py " + " ".join(sys.argv[1:])
-        write_json(args.json, records, {"threads": args.threads, "command": cmd})
 
 
 if __name__ == "__main__":

@@ -237,7 +237,10 @@ class SegmentedModel:
                         needed.append(name)
             outputs = [o for o in produced if o in graph_outputs or any(c > gi for c in consumers.get(o, ()))]
             if is_edgeattn_node(nodes[0]):
-                self.steps.append(_Step(inputs=list(nodes[0].input), outputs=list(nodes[0].output), node=nodes[0]))
+                # a copy: a sub-message would keep the whole ModelProto (weights included) alive
+                node = onnx.NodeProto()
+                node.CopyFrom(nodes[0])
+                self.steps.append(_Step(inputs=list(node.input), outputs=list(node.output), node=node))
                 continue
             own_inits = [inits[n] for n in needed if n in inits and n not in self.shared]
             feeds = [n for n in needed if n not in inits or n in self.shared]

@@ -277,3 +277,24 @@ def test_cached_export_is_made_once_per_key(tmp_path, monkeypatch):
     assert leftovers == []
     session = open_session(other, kernels="tvm", threads=2)  # the manifest check passes on a cached file
     assert np.isfinite(session.append([1, 2, 3])).all()
+
+
+# ------------------------------------------------------------------ the real model
+
+
+@pytest.mark.real_model
+def test_real_model_full_budget_equals_shipped_model(real_model, tmp_path_factory, monkeypatch):
+    """Gemma 3 270M at an odd length (1531) with budget 2048 >= L, every layer on the kernels
+    (--dense-op edgeattn): the model as shipped's logits within 1e-4 and its 16 greedy tokens."""
+    from edgeattn import text
+
+    monkeypatch.setenv("EDGEATTN_CACHE", str(tmp_path_factory.mktemp("ort_real_cache")))
+    cfg = AttentionConfig(kind="dhsa", budget=2048)
+    path = ort_backend.cached_export(real_model, cfg, dense_op="edgeattn")
+    ids = text.token_ids(real_model.tokenizer, 1531)
+    session = open_session(path, kernels="tvm", threads=2)
+    logits, tokens = _greedy(session, ids, DECODE)
+    session.close()
+    ref_logits, ref_tokens = _torch_reference(real_model, None, ids)
+    assert rel_err(logits, ref_logits) < 1e-4
+    assert tokens == ref_tokens
