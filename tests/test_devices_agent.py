@@ -22,7 +22,7 @@ import pytest
 
 from edgeattn.devices import profiles as P
 from edgeattn.devices.connect import open_device, rpc_connect
-from edgeattn.devices.errors import DeviceError
+from edgeattn.devices.errors import DeviceError, DeviceLostError
 from edgeattn.devices.tracker import LocalTracker, servers_for_key, tracker_summary
 
 EDGEATTN = str(Path(sys.executable).with_name("edgeattn"))
@@ -128,6 +128,28 @@ def test_peak_memory_of_a_run_within_10_percent(agent: dict, tracker: LocalTrack
         del y
         again = dev.reset_peak()  # the buffer is freed: the reset brings the peak back down
         assert again["peak_rss"] < after["peak_rss"] - 128 * MIB
+
+
+def test_an_error_on_the_device_is_one_line_and_the_session_goes_on(
+    agent: dict, tracker: LocalTracker, tmp_path: Path
+) -> None:
+    import tvm
+
+    lib_path = _fill_library(tmp_path, 1003)
+    with open_device(_profile(tracker.address)) as dev:
+        dev.session.upload(str(lib_path))
+        fill = dev.session.load_module(lib_path.name)
+        remote = dev.session.cpu(0)
+        x = tvm.runtime.tensor(np.ones(1, "float32"), remote)
+        with pytest.raises(DeviceError) as err, dev.guard("fill"):
+            fill["main"](x, tvm.runtime.empty((5,), "float32", remote))  # wrong output shape
+        assert not isinstance(err.value, DeviceLostError)
+        assert "raised an error during fill" in str(err.value) and "expected 1003" in str(err.value)
+        assert len(str(err.value).splitlines()) == 1
+        y = tvm.runtime.empty((1003,), "float32", remote)
+        with dev.guard("fill"):
+            fill["main"](x, y)
+        assert float(y.numpy()[-1]) == 1003
 
 
 def test_a_busy_key_waits_then_fails_clearly(agent: dict, tracker: LocalTracker) -> None:
