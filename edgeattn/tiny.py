@@ -50,8 +50,35 @@ def tiny_model(family: str = "gemma3", seed: int = 0, **overrides: Any) -> Any:
     return model.eval()
 
 
-def save_tiny_model(out_dir: Path, family: str = "gemma3", seed: int = 0) -> Path:
-    """Write a tiny random model as an HF directory (no tokenizer), for CLI tests."""
+def save_tiny_model(out_dir: Path, family: str = "gemma3", seed: int = 0, tokenizer: bool = False) -> Path:
+    """Write a tiny random model as an HF directory, for CLI tests.
+
+    Without ``tokenizer`` the folder has none (the CLI must say so); with it, a
+    512-token BPE trained on the offline pydoc prose, so every verb runs end to
+    end on a model that loads, exports and compiles in seconds.
+    """
     model = tiny_model(family, seed)
     model.save_pretrained(out_dir)
+    if tokenizer:
+        tiny_tokenizer(model.config.vocab_size).save_pretrained(out_dir)
     return out_dir
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> Any:
+    """A byte-level BPE of ``vocab_size`` tokens trained on pydoc prose, with Gemma's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgeattn.text import pydoc_text
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3, as in Gemma's vocabulary
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([pydoc_text()[:200_000]], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )

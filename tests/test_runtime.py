@@ -267,3 +267,30 @@ def test_run_refuses_an_onnx_file_that_is_not_its_export(damage: str, tiny_expor
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error:") and "re-export" in res.output and "Traceback" not in res.output
     assert _listing(folder) == before  # nothing written beside the file
+
+
+def test_run_cli_backends_side_by_side_agree(tmp_path) -> None:
+    """`edgeattn run` end to end on a tiny model with a tokenizer: every row continues the prompt alike."""
+    import json
+
+    from edgeattn.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny", "gemma3", tokenizer=True)
+    args = ["run", str(model_dir), "--backend", "torch,ort", "--synthetic-length", "150", "--budget", "256"]
+    args += ["--chunk-size", "16", "--max-new-tokens", "4", "--json"]
+    res = runner.invoke(app, args, env={"EDGEATTN_CACHE": str(tmp_path / "cache")})
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{") :])
+    rows = {(r["backend"], r["attention"]): r for r in report["results"]}
+    assert set(rows) == {
+        ("transformers", "dense"),
+        ("torch", "dense"),
+        ("torch", "dhsa"),
+        ("ort", "dense"),
+        ("ort", "dhsa"),
+    }
+    assert len({tuple(r["token_ids"]) for r in rows.values()}) == 1  # budget >= L: DHSA is dense, on every backend
+    for r in rows.values():
+        assert r["prompt_tokens"] == 150 and r["new_tokens"] == 4 and r["prefill_steps"] == 1
+        assert r["planned_peak_mib"] > 0 and r["peak_rss_mib"] > 0 and r["prefill_cpu_s"] > 0
+    assert report["threads"] >= 1 and report["cpu"]
