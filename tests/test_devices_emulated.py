@@ -84,7 +84,8 @@ def farm() -> Iterator[dict]:
         try:
             inproc.start()  # meanwhile the CLI's server starts too (both under qemu)
             deadline = time.monotonic() + 400
-            while len(servers_for_key(tracker_summary(tracker.address), KEY)) < 2:
+            # registered with the tracker, and the CLI has said so (its own check polls the tracker too)
+            while len(servers_for_key(tracker_summary(tracker.address), KEY)) < 2 or "Ctrl-C" not in "".join(lines):
                 assert cli.poll() is None, "".join(lines)
                 assert time.monotonic() < deadline, "the CLI server did not register:\n" + "".join(lines)
                 time.sleep(0.5)
