@@ -601,7 +601,7 @@ def prepare_with_kernels(
             "(edgeattn export without the GroupQueryAttention option)"
         )
     att = manifest.get("attention") or {}
-    if any(n.domain == ops.DOMAIN for n in model.graph.node):
+    if any(n.domain == ops.DOMAIN and n.op_type.startswith("DHSA") for n in model.graph.node):  # not DenseFlash
         if att.get("chunking", "fixed") != "fixed" and att.get("kind") != "block-sparse" or not att.get("chunk_size"):
             raise NotAnEdgeattnExport(
                 "the export's DHSA boundaries are not fixed chunks (manifest attention: "
