@@ -7,6 +7,7 @@ No device is needed: reachability is checked against real sockets on loopback
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -206,3 +207,14 @@ def test_tracker_wire_constants_match_tvm() -> None:
         base.TrackerCode.SUMMARY,
     )
     assert (connect.PROBE, connect.RESET_PEAK) == (agent.PROBE, agent.RESET_PEAK)
+
+
+@pytest.mark.skipif(shutil.which("adb") is not None, reason="adb is installed: this checks the message without it")
+def test_android_without_adb_names_the_fix() -> None:
+    from edgeattn.devices.connect import open_device, reachability
+    from edgeattn.devices.errors import DeviceError
+
+    phone = P.get_profile("android-adreno")
+    assert reachability(phone) == "adb not installed"
+    with pytest.raises(DeviceError, match="adb is not on PATH.*platform-tools"):
+        open_device(phone)
