@@ -74,6 +74,10 @@ class Footprint:
         return chunk * self.activation_per_token + kv_copy + masks + 4 * self.vocab * 4
 
 
+# Measured peak activation / counted live activation, per backend (see footprint_of).
+_ALLOCATOR_FACTOR = {"torch": 2.0, "transformers": 2.0, "ort": 2.75, "tvm": 2.0}
+
+
 def footprint_of(config: Any, dtype_bytes: int = 4, backend: str = "torch", kernels: str = "tvm") -> Footprint:
     """The footprint of a Gemma 2 / Gemma 3 text config, counted from the architecture alone.
 
@@ -82,7 +86,14 @@ def footprint_of(config: Any, dtype_bytes: int = 4, backend: str = "torch", kern
     the tensors alive together in the worst layer of a prefill step: the
     residual stream and its normed copies, the projected queries through
     QK-norm and RoPE (each a new tensor), the contiguous copies our kernels
-    read and write, or the MLP's gate/up/product -- whichever is larger.
+    read and write, or the MLP's gate/up/product -- whichever is larger --
+    times what the allocator holds on top (freed blocks not yet returned,
+    ONNX Runtime's per-segment outputs).  That factor was measured: peak RSS
+    minus what the process held before the prefill, per prompt token, on
+    Gemma 3 270M at 8K and 16K (``benchmarks/results/prefill_4k_16k.json``):
+    79-81 KB/token for the torch backend (factor 2 gives 86), 105-107 KB/token
+    for ort (factor 2.75 gives 114), and the model as shipped also holds
+    ~3-4 bytes per score of its explicit sliding-window masks.
     """
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
@@ -96,10 +107,11 @@ def footprint_of(config: Any, dtype_bytes: int = 4, backend: str = "torch", kern
     kv_token = 2 * hkv * d * dtype_bytes
     attn_live = (8 * hq + 4 * hkv) * d  # q through norm/RoPE, kernel in/out copies, k/v
     mlp_live = 4 * inter + 2 * h
-    act = (4 * h + max(attn_live, mlp_live)) * dtype_bytes
+    held = _ALLOCATOR_FACTOR.get(backend, 2.0)
+    act = int((4 * h + held * max(attn_live, mlp_live)) * dtype_bytes)
     mask = 0
     if backend == "transformers" or (backend == "torch" and kernels != "tvm"):
-        mask = 2  # one bool mask per layer type (full, sliding) of chunk x context entries
+        mask = 4  # the sliding layers' explicit masks: chunk x context entries (bool, and SDPA's float copy)
     return Footprint(
         weights=weights,
         kv_per_token_global=n_global * kv_token,
