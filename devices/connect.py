@@ -287,6 +287,9 @@ def _open_emulated(profile: DeviceProfile, timeout: float, session_timeout: floa
         dev.start()
     except EmulatorNotSetUpError as err:
         raise DeviceError(f"device {profile.name}: {err}") from None
+    except TimeoutError as err:  # a loaded machine can take minutes to start TVM under qemu
+        first = str(err).splitlines()[0]
+        raise DeviceError(f"device {profile.name}: {first}; try again when the machine is less busy") from None
     remote = RemoteDevice(profile.name, dev.session, f"127.0.0.1:{dev.port}", "emulated (qemu)", emulated=True)
     remote._cleanup.append(dev.stop)
     return remote
