@@ -225,3 +225,21 @@ def open_remote_session(
         if device is None:
             remote.close()
         raise
+
+
+def session_for_export(
+    profile: DeviceProfile | str,
+    onnx_path: str | Path,
+    *,
+    max_context: int,
+    progress: Any = None,
+    **connect: Any,
+) -> RemoteTvmSession:
+    """``edgeattn run --device``'s first steps: compile the export for the device's model target (or take
+    the cached artifact: ``edgeattn compile`` keys its folder by file hash, target and context), then
+    :func:`open_remote_session` it (``connect``: tracker, key, timeout, session_timeout, device)."""
+    from edgeattn.runtime.tvm_compile import compile_artifact
+
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    artifact = compile_artifact(onnx_path, prof.target, max_context=max_context, progress=progress)
+    return open_remote_session(prof, artifact.path, **connect)

@@ -21,7 +21,7 @@ import pytest
 from edgeattn.devices import emulated_arm64 as emu
 from edgeattn.devices import profiles as P
 from edgeattn.devices.errors import DeviceError
-from edgeattn.devices.remote import check_budget, open_remote_session
+from edgeattn.devices.remote import check_budget, open_remote_session, session_for_export
 from edgeattn.errors import EdgeAttnError
 from edgeattn.runtime.memory import BudgetError
 
@@ -49,7 +49,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     onnx_path = root / "tiny.onnx"
     model_dir = save_tiny_model(root / "tiny", "gemma3")
     export_model(str(model_dir), onnx_path, AttentionConfig(kind="dense"))
-    return {"model": model_dir, "arm64": compile_artifact(onnx_path, "arm64", max_context=64).path}
+    return {"model": model_dir, "onnx": onnx_path, "arm64": compile_artifact(onnx_path, "arm64", max_context=64).path}
 
 
 @pytest.fixture
@@ -88,7 +88,9 @@ def test_host_checks_fail_before_connecting(artifacts: dict[str, Path], user_dir
 def remote(artifacts: dict[str, Path]) -> Iterator:
     if not emu.is_set_up():
         pytest.skip(emu.setup_problem() or "")
-    with open_remote_session("arm64-emulated", artifacts["arm64"]) as sess:
+    # the run --device path: the export compiled for the profile's target (here: the cached artifact)
+    with session_for_export("arm64-emulated", artifacts["onnx"], max_context=64) as sess:
+        assert sess.art.path == artifacts["arm64"]
         yield sess
 
 
