@@ -59,14 +59,17 @@ def packable(n: int, tile: GemmTile) -> bool:
 def gemm_primfunc(k_dim: int, n_dim: int, tile: GemmTile, dtype: str = "float32") -> tvm.tirx.PrimFunc:
     """C[M, N] = A[M, K] @ W, W given as panels Wp[N / nb, K, nb]; M symbolic (one kernel for every length).
 
-    Work items are (column panel, row tile) pairs, panel-major, so a thread's
-    contiguous share of items reuses one panel from cache over many row tiles.
-    Full ``mr``-row tiles run the register-tiled micro-kernel; the last rows
-    (and M = 1, decode) run a one-row kernel over the same panel.
+    Work items are (row block, column panel) pairs, row-block-major: a row block of A
+    (``rt`` tiles of ``mr`` rows, sized to stay in L2) is reused by every panel while the
+    panels stream through; without the blocking A is re-read from memory once per panel
+    (at M = 4096 that halved the GEMM rate).  Full ``mr``-row tiles run the register-tiled
+    micro-kernel; the last rows (and M = 1, decode) a one-row kernel over the same panel.
     """
     K, N, nb, mr, vl = k_dim, n_dim, tile.nb, tile.mr, tile.lanes
     npan = N // nb
     nv = nb // vl
+    rt = max(1, (256 * 1024) // (mr * K * 4))  # row tiles per block: ~256 KiB of A
+    mb = rt * mr
     assert N % nb == 0 and nb % vl == 0
 
     @T.prim_func
@@ -76,41 +79,43 @@ def gemm_primfunc(k_dim: int, n_dim: int, tile: GemmTile, dtype: str = "float32"
         A = T.match_buffer(a_h, (M, K), dtype)
         W = T.match_buffer(w_h, (npan, K, nb), dtype)
         C = T.match_buffer(c_h, (M, N), dtype)
-        for t in T.parallel(npan * ((M + mr - 1) // mr)):
-            p = T.Bind(t // ((M + mr - 1) // mr))
-            m0 = T.Bind(t % ((M + mr - 1) // mr) * mr)
-            if m0 + mr <= M:
-                acc = T.alloc_buffer((mr, nb), "float32", scope="local")
-                for i in T.unroll(mr):
-                    for v in T.unroll(nv):
-                        for j in T.vectorized(vl):
-                            acc[i, v * vl + j] = T.float32(0)
-                for kk in range(K):
+        for t in T.parallel(npan * ((M + mb - 1) // mb)):
+            p = T.Bind(t % npan)
+            b0 = T.Bind(t // npan * mb)
+            for r in range(rt):
+                m0 = T.Bind(b0 + r * mr)
+                if m0 + mr <= M:
+                    acc = T.alloc_buffer((mr, nb), "float32", scope="local")
                     for i in T.unroll(mr):
                         for v in T.unroll(nv):
                             for j in T.vectorized(vl):
-                                acc[i, v * vl + j] = acc[i, v * vl + j] + T.Cast("float32", A[m0 + i, kk]) * T.Cast(
-                                    "float32", W[p, kk, v * vl + j]
-                                )
-                for i in T.unroll(mr):
-                    for v in T.unroll(nv):
-                        for j in T.vectorized(vl):
-                            C[m0 + i, p * nb + v * vl + j] = T.Cast(dtype, acc[i, v * vl + j])
-            else:
-                for i in range(M - m0):
-                    acc1 = T.alloc_buffer((nb,), "float32", scope="local")
-                    for v in T.unroll(nv):
-                        for j in T.vectorized(vl):
-                            acc1[v * vl + j] = T.float32(0)
+                                acc[i, v * vl + j] = T.float32(0)
                     for kk in range(K):
+                        for i in T.unroll(mr):
+                            for v in T.unroll(nv):
+                                for j in T.vectorized(vl):
+                                    acc[i, v * vl + j] = acc[i, v * vl + j] + T.Cast("float32", A[m0 + i, kk]) * T.Cast(
+                                        "float32", W[p, kk, v * vl + j]
+                                    )
+                    for i in T.unroll(mr):
                         for v in T.unroll(nv):
                             for j in T.vectorized(vl):
-                                acc1[v * vl + j] = acc1[v * vl + j] + T.Cast("float32", A[m0 + i, kk]) * T.Cast(
-                                    "float32", W[p, kk, v * vl + j]
-                                )
-                    for v in T.unroll(nv):
-                        for j in T.vectorized(vl):
-                            C[m0 + i, p * nb + v * vl + j] = T.Cast(dtype, acc1[v * vl + j])
+                                C[m0 + i, p * nb + v * vl + j] = T.Cast(dtype, acc[i, v * vl + j])
+                elif m0 < M:
+                    for i in range(M - m0):
+                        acc1 = T.alloc_buffer((nb,), "float32", scope="local")
+                        for v in T.unroll(nv):
+                            for j in T.vectorized(vl):
+                                acc1[v * vl + j] = T.float32(0)
+                        for kk in range(K):
+                            for v in T.unroll(nv):
+                                for j in T.vectorized(vl):
+                                    acc1[v * vl + j] = acc1[v * vl + j] + T.Cast("float32", A[m0 + i, kk]) * T.Cast(
+                                        "float32", W[p, kk, v * vl + j]
+                                    )
+                        for v in T.unroll(nv):
+                            for j in T.vectorized(vl):
+                                C[m0 + i, p * nb + v * vl + j] = T.Cast(dtype, acc1[v * vl + j])
 
     return gemm
 

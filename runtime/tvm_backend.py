@@ -200,14 +200,31 @@ class TvmSession:
         self._past = []
 
 
-def open_session(onnx_or_artifact_path: str | Path, *, threads: int | None = None, quiet: bool = False) -> TvmSession:
-    """A tvm Session from an artifact folder, or from an ``.onnx`` export (compiled for this machine, cached)."""
+# open_session's context bound for an .onnx file: Gemma 3's 32K.  The plan reserves address space for it;
+# pages a shorter run never touches are never resident.
+SESSION_MAX_CONTEXT = 32768
+
+
+def open_session(
+    onnx_or_artifact_path: str | Path,
+    *,
+    threads: int | None = None,
+    quiet: bool = False,
+    max_context: int | None = None,
+) -> TvmSession:
+    """A tvm Session from an artifact folder, or from an ``.onnx`` export (compiled for this machine, cached).
+
+    ``max_context`` (for an .onnx file): the longest cache + prompt the compiled artifact serves
+    (default :data:`SESSION_MAX_CONTEXT`); each value is its own cached artifact.
+    """
     path = Path(onnx_or_artifact_path)
     if path.suffix == ".onnx":
         from edgeattn.runtime.tvm_compile import compile_artifact
 
         progress = None if quiet else _stderr_progress
-        path = compile_artifact(path, "x86-host" if platform.machine() == "x86_64" else "arm64", progress=progress).path
+        device = "x86-host" if platform.machine() == "x86_64" else "arm64"
+        limit = max_context or SESSION_MAX_CONTEXT
+        path = compile_artifact(path, device, max_context=limit, progress=progress).path
     return TvmSession(load_artifact(path, threads=threads))
 
 

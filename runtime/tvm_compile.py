@@ -47,7 +47,7 @@ PARAMS = "params.bin"
 ALIGN = 64
 DEFAULT_MAX_CONTEXT = 8192
 # Bump when the import or the pipeline changes what an artifact computes (part of the cache key).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 3
 
 
 class CompileError(EdgeAttnError):
@@ -118,6 +118,9 @@ def relax_passes(target: Any) -> tuple[list[Any], list[Any]]:
     passes += list(cpu_pipeline.legalize_passes(target))
     if family == "cpu":
         from edgeattn.kernels_tvm.cpu_rules import ParallelVectorize
+
+        # tanh (GELU, softcaps) and exp as polynomials: libm calls would keep those loops scalar
+        passes.insert(1, relax.transform.FastMathTransform())
 
         passes.append(ParallelVectorize(target))
     else:
