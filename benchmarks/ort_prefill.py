@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeattn.config import DEFAULT_CHUNK_SIZE
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt, header, table, write_json  # noqa: E402
 
@@ -109,6 +111,8 @@ def run_child(args: argparse.Namespace, path: Path, kernels: str, length: int) -
         why = f"killed: RSS > {args.rss_cap_gib} GiB" if seen > cap else f"killed: > {args.timeout} s"
         return {"status": why, "peak_rss_mib": seen / 2**20}
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if proc.returncode == -9:  # SIGKILL, and not ours: the kernel's OOM killer (the machine ran out)
+        return {"status": "out of memory (killed by the OOM killer)", "peak_rss_mib": seen / 2**20}
     if proc.returncode != 0 or not lines:
         tail = (err.strip().splitlines() or ["no output"])[-1][:200]
         return {"status": f"failed (exit {proc.returncode}): {tail}", "peak_rss_mib": seen / 2**20}
@@ -120,9 +124,9 @@ def main() -> None:
     p.add_argument("--lengths", default="4K,16K", help="prompt lengths, e.g. 4K,16K")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=int, default=2048, help="DHSA budget N_b")
-    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--rows", default="all", help="comma list of row numbers (0-based) of ROWS, or all")
-    p.add_argument("--rss-cap-gib", type=float, default=12.0, help="kill a child whose RSS passes this")
+    p.add_argument("--rss-cap-gib", type=float, default=10.0, help="kill a child whose RSS passes this")
     p.add_argument("--timeout", type=float, default=900.0, help="kill a child running longer (s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the records here")
