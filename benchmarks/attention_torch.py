@@ -18,6 +18,8 @@ import statistics
 import sys
 import time
 
+from edgeattn.config import DEFAULT_CHUNK_SIZE
+
 IMPLS = ("dense", "dhsa", "block-sparse")
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,16384,65536", help="comma list of sequence lengths")
     p.add_argument("--budget", type=int, default=2048, help="DHSA token budget N_b")
-    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=0, help="runs per point (default: 3 up to 4K, else 1)")

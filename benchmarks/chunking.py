@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeattn import calibrate, chunking, dhsa, models, text
-from edgeattn.config import AttentionConfig
+from edgeattn.config import DEFAULT_CHUNK_SIZE, AttentionConfig
 from edgeattn.coverage import SCORINGS, dense_probs, kept_mass
 from edgeattn.runtime.measure import cpu_model
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--offset", type=int, default=None, help="first token of the text to use")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048])
     p.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512, 1024])
-    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--min-chunk", type=int, default=8)
     p.add_argument("--max-chunk", type=int, default=64)
     p.add_argument("--sinks", type=int, default=4)

@@ -157,7 +157,8 @@ class Bench:
         self.target = registry.host_target()
         common = dict(heads_q=HQ, heads_kv=HKV, head_dim=D)
         self.sel_k = registry.get_kernel(OP_SELECT, self.target, budget=args.budget, sinks=SINKS, **common)
-        self.sparse_k = registry.get_kernel(OP_SPARSE, self.target, sinks=SINKS, **common)
+        tile = registry.query_tile_for([0, args.chunk_size])  # the schedule hint run_layer gives
+        self.sparse_k = registry.get_kernel(OP_SPARSE, self.target, sinks=SINKS, query_tile=tile, **common)
         self.dense_k = registry.get_kernel(OP_DENSE, self.target, **common)
         self.compile_s = self.sel_k.compile_s + self.sparse_k.compile_s + self.dense_k.compile_s
         self.ort = ort_session(threads) if "ort-gqa" in self.impls else None

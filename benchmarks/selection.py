@@ -208,9 +208,9 @@ def log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from edgeattn import chunking, models, needle, text
+    from edgeattn import chunking, dhsa, models, needle, text
     from edgeattn.config import DENSE, AttentionConfig
-    from edgeattn.coverage import kept_mass_streamed
+    from edgeattn.coverage import kept_mass_streamed, oracle_selection
 
     C.set_threads(args.threads)
     variants = [parse_variant(x) for x in args.variants.split(",") if x]
@@ -227,6 +227,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "predictor": chunking.boundary_fn_for(base.with_(chunking="predictor"), loaded),
     }
     ranks, mass, niah = [], [], []
+    meta = dict(
+        model=loaded.name, text=str(args.haystack or "pydoc_data.topics"), offset=offset, layers=layers,
+        threads=args.threads, load_average_at_start=[round(x, 2) for x in os.getloadavg()],
+        command="python " + " ".join(sys.argv),
+    )  # fmt: skip
     for length in args.lengths:
         if length > len(body):
             raise SystemExit(f"error: the haystack has {len(body)} tokens, fewer than --lengths {length}")
@@ -250,6 +255,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           chunks=len(bnd) - 1, **r))  # fmt: skip
                 if length <= args.mass_max_length:
                     named = {f"{v}|{b}": s for (v, b), s in selections.items()}
+                    for chunk in args.oracle:
+                        bnd = dhsa.fixed_boundaries(length, chunk)
+                        for bname, budget in budgets.items():
+                            keep = oracle_selection(q, k, scaling, bnd, budget, args.sinks)
+                            named[f"oracle-{chunk}|{bname}"] = (bnd, keep, args.sinks)
                     for key, value in kept_mass_streamed(q, k, scaling, named).items():
                         v, b = key.split("|")
                         mass.append(dict(length=length, depth=depth, layer=layer, variant=v, budget=b, mass=value))
@@ -275,12 +285,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from edgeattn import patching
 
             patching.unpatch(loaded.model)
+            save(args, dict(meta, ranks=ranks, mass=mass, niah=niah, kernels=[], partial=True))
     kernels = kernel_times(variants, args.kernel_lengths, args.kernel_budget, args.sinks, sources)
-    return dict(
-        model=loaded.name, text=str(args.haystack or "pydoc_data.topics"), offset=offset, layers=layers,
-        threads=args.threads, load_average_at_start=[round(x, 2) for x in os.getloadavg()],
-        ranks=ranks, mass=mass, niah=niah, kernels=kernels, command=" ".join(sys.argv),
-    )  # fmt: skip
+    result = dict(meta, ranks=ranks, mass=mass, niah=niah, kernels=kernels, partial=False)
+    save(args, result)
+    return result
+
+
+def save(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """The records so far (``partial`` until the run ends): a long run that is stopped keeps its prompts."""
+    if args.json:
+        write_text(args.json, json.dumps({"cpu": C.cpu_model(), **result}, indent=1))
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -316,6 +331,10 @@ def summary(result: dict[str, Any]) -> str:
         ("rank_score", "median rank by score"), ("rank_mass", "median rank by mass"),
         ("mass", "mass kept"), ("niah", "NIAH hits"),
     ]  # fmt: skip
+    for var, bud in dict.fromkeys((m["variant"], m["budget"]) for m in result["mass"]):
+        if (var, bud) not in keys:  # mass-only rows: the oracle selections
+            mm = [m["mass"] for m in result["mass"] if m["variant"] == var and m["budget"] == bud]
+            rows.append(dict(variant=var, budget=bud, mass=statistics.mean(mm), niah="-"))
     lines = [C.header("DHSA selection vs dense attention on " + result["model"], result["threads"])]
     lengths = sorted({r["length"] for r in result["ranks"]})
     lines.append(f"text {result['text']} | lengths {lengths} | global layers {result['layers']}")
@@ -364,7 +383,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--niah-max-length", type=int, default=8192, help="no greedy NIAH runs above this length")
     p.add_argument("--mass-max-length", type=int, default=32768, help="no mass measurement above this length")
-    p.add_argument("--new-tokens", type=int, default=6, help="greedy tokens per answer")
+    p.add_argument(
+        "--oracle",
+        type=ints,
+        default=[],
+        help="also the mass kept by the best possible selection of fixed chunks of these lengths (the ceiling)",
+    )
+    p.add_argument("--new-tokens", type=int, default=10, help="greedy tokens per answer (digits are one token each)")
     p.add_argument("--sinks", type=int, default=DEFAULT_SINKS)
     p.add_argument("--kernel-lengths", type=ints, default=[], help="also time the TVM kernels per variant here")
     p.add_argument("--kernel-budget", type=int, default=DEFAULT_BUDGET)
@@ -373,10 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.haystack is not None and not args.haystack.is_dir():
         raise SystemExit(f"error: --haystack {args.haystack} is not a folder; pass a folder of .txt files")
-    result = run(args)
-    print(summary(result))
-    if args.json:
-        write_text(args.json, json.dumps({"cpu": C.cpu_model(), **result}, indent=1))
+    print(summary(run(args)))
 
 
 if __name__ == "__main__":

@@ -97,3 +97,28 @@ def kept_mass_streamed(
             kept = kept.repeat_interleave(g, dim=0)
             totals[name] += float((probs * kept).sum())
     return {name: t / (hq * length) for name, t in totals.items()}
+
+
+def oracle_selection(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, boundaries: torch.Tensor, budget: int, sinks: int, rows: int = 256
+) -> torch.Tensor:
+    """The best chunk selection a scorer could make: key chunks ranked by the dense attention mass
+    the query chunk really gives them (summed over its queries and query heads), filled under the
+    same budget rule (:func:`edgeattn.dhsa.select_chunks`).  Its kept mass is the ceiling of any
+    chunk-level selection on these chunks: a diagnostic, not something a backend can compute."""
+    length = k.shape[2]
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    kc = dhsa.chunk_of_token(boundaries, length)
+    nc = len(boundaries) - 1
+    mass = torch.zeros(hkv, nc, nc)
+    kpos = torch.arange(length)
+    for a in range(0, length, rows):
+        e = min(length, a + rows)
+        causal = kpos[None, :] <= torch.arange(a, e)[:, None]
+        logits = torch.stack([q[0, h, a:e] @ k[0, h // g].T for h in range(hq)]) * scaling
+        probs = torch.softmax(logits.masked_fill(~causal, -torch.inf), -1)  # [Hq, rows, L]
+        per_chunk = torch.zeros(hq, e - a, nc).index_add_(2, kc, probs).view(hkv, g, e - a, nc).sum(1)
+        mass.index_add_(1, kc[a:e], per_chunk)
+    future = torch.ones(nc, nc, dtype=torch.bool).triu(1)
+    return dhsa.select_chunks(mass.masked_fill(future, -torch.inf)[None], boundaries, budget, sinks)
