@@ -7,19 +7,17 @@ line and exit code 2, with no traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import typer
 
-from edgeattn.errors import EdgeAttnError
+from edgeattn.errors import friendly_errors
 
 from . import profiles as P
 
@@ -36,18 +34,7 @@ emulate_app = typer.Typer(help="Run an emulated device on this machine (qemu-use
 devices_app.add_typer(emulate_app, name="emulate")
 
 
-def _errors_as_lines(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """EdgeAttnError (DeviceError, DeviceProfileError) -> one 'error:' line and its exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except EdgeAttnError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(err.exit_code) from None
-
-    return wrapper
+_errors_as_lines = friendly_errors  # one 'error:' line per EdgeAttnError, as in every verb
 
 
 # ------------------------------------------------------------------ list / show

@@ -7,13 +7,12 @@ none pretends to work.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -32,7 +31,7 @@ from edgeattn.config import (
     ConfigError,
     resolve_threads,
 )
-from edgeattn.errors import EdgeAttnError, NotBuiltYetError
+from edgeattn.errors import NotBuiltYetError, friendly_errors
 
 app = typer.Typer(
     name="edgeattn",
@@ -46,23 +45,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn errors a user can act on into one 'error:' line and a non-zero exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except EdgeAttnError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(err.exit_code) from None
-        except (ConfigError, FileNotFoundError, NotImplementedError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 ModelArg = Annotated[
