@@ -283,6 +283,7 @@ def test_cached_export_is_made_once_per_key(tmp_path, monkeypatch):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # exports the real model (~1-2 min) before it runs; the tiny models cover the behaviour in CI
 def test_real_model_full_budget_equals_shipped_model(real_model, tmp_path_factory, monkeypatch):
     """Gemma 3 270M at an odd length (1531) with budget 2048 >= L, every layer on the kernels
     (--dense-op edgeattn): the model as shipped's logits within 1e-4 and its 16 greedy tokens."""
