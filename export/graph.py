@@ -431,7 +431,7 @@ class _GemmaWriter:
             sinks=cfg.sinks,
             max_selected=ops.max_selected(cfg.budget, cfg.sinks, min_chunk),
             normalize=1 if cfg.kind == "dhsa" else 0,
-            **({"local": cfg.local} if cfg.local else {}),  # the band of recent keys (default 0: off)
+            local=cfg.local,  # the band of recent keys (0: off); explicit, as inliners may drop defaults
         )
         out = nb.op(
             ops.OP_SPARSE,
