@@ -18,6 +18,9 @@ from edgeattn.config import ConfigError
 from edgeattn.errors import EdgeAttnError
 
 MIB = 1024 * 1024
+# Kept free in every plan: the allocator's fragmentation in a long-lived process and what a 2 ms RSS
+# sampler can miss (a 6K-token chunked prefill overshot an exact plan by 37 MiB in the test suite).
+HEADROOM = 64 * MIB
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2}
 _UNITS |= {"g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
@@ -139,7 +142,7 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return self.resident + self.kv_cache + self.activations
+        return self.resident + self.kv_cache + self.activations + HEADROOM
 
     @property
     def chunked(self) -> bool:
@@ -157,7 +160,7 @@ class MemoryPlan:
         )
         return (
             f"planned peak {fmt(self.peak)}{budget}: resident {fmt(self.resident)} (weights {fmt(self.weights)}) "
-            f"+ KV cache {fmt(self.kv_cache)} + activations {fmt(self.activations)}; {how}"
+            f"+ KV cache {fmt(self.kv_cache)} + activations {fmt(self.activations)} + headroom {fmt(HEADROOM)}; {how}"
         )
 
 

@@ -157,10 +157,10 @@ def test_run_default_model_side_by_side() -> None:
     )
     assert res.exit_code == 0, res.output
     report = json.loads(res.output[res.output.index("{") :])
-    kinds = [r["attention"] for r in report["results"]]
-    assert kinds == ["dense", "dhsa", "block-sparse"]
+    rows = [(r["backend"], r["attention"]) for r in report["results"]]
+    assert rows == [("transformers", "dense"), ("torch", "dense"), ("torch", "dhsa"), ("torch", "block-sparse")]
     for r in report["results"]:
         assert r["prompt_tokens"] == 97 and r["new_tokens"] == 4
         assert r["prefill_s"] > 0 and r["peak_rss_mib"] > 100
-    assert report["results"][1]["layers"] == [5, 11, 17]
+    assert report["results"][2]["layers"] == [5, 11, 17]
     assert report["threads"] >= 1 and report["cpu"]
