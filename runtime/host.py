@@ -100,8 +100,9 @@ def run_on_host(
 
     _check_request(req)
     set_threads(req.threads)
-    if exported_file(req.model) is not None:
-        return _run_exported(req, exported_file(req.model), log)  # type: ignore[arg-type]
+    onnx_file = exported_file(req.model)
+    if onnx_file is not None:
+        return _run_exported(req, onnx_file, log)
     if req.device != "host":
         from edgeattn.devices.profiles import get_profile
 
@@ -116,11 +117,8 @@ def run_on_host(
     models.check_hf_dir(path)
     hf_config = AutoConfig.from_pretrained(str(path))
     fp = memory.footprint_of(hf_config, kernels=req.kernels)
-    if req.synthetic_length is not None:  # known before loading: refuse 10M tokens before allocating them
-        memory.check_context(fp, req.synthetic_length, req.max_new_tokens)
     # the runtime before the weights: a model passed in is already part of the RSS
-    runtime_only = max(0, rss_bytes() - (fp.weights if loaded is not None else 0))
-    memory.check_weights_fit(fp, runtime_only, req.memory_budget)
+    _refuse_before_loading(req, fp, max(0, rss_bytes() - (fp.weights if loaded is not None else 0)))
 
     loaded = loaded if loaded is not None else models.load(req.model)
     ids = prompt_ids(req, loaded.tokenizer, path)
@@ -146,6 +144,13 @@ def run_on_host(
         row_fp = memory.footprint_of(hf_config, backend=session.info.backend, kernels=session.info.kernels)
         results.append(_measure(req, session, ids, hf_config, row_fp, granularity, loaded.tokenizer, log, layers))
     return header, results
+
+
+def _refuse_before_loading(req: RunRequest, fp: memory.Footprint, runtime_bytes: int) -> None:
+    """Checks that need no model in memory: a requested length beyond the context, a budget below the weights."""
+    if req.synthetic_length is not None:  # known before loading: refuse 10M tokens before allocating them
+        memory.check_context(fp, req.synthetic_length, req.max_new_tokens)
+    memory.check_weights_fit(fp, runtime_bytes, req.memory_budget)
 
 
 def exported_file(model: str | None) -> Path | None:
@@ -183,9 +188,7 @@ def _run_exported(req: RunRequest, path: Path, log: Callable[[str], None]) -> tu
     source = _source_of_export(path, manifest)
     hf_config = AutoConfig.from_pretrained(str(source))
     fp = memory.footprint_of(hf_config, backend="ort", kernels=req.kernels)
-    if req.synthetic_length is not None:
-        memory.check_context(fp, req.synthetic_length, req.max_new_tokens)
-    memory.check_weights_fit(fp, rss_bytes(), req.memory_budget)
+    _refuse_before_loading(req, fp, rss_bytes())
     tokenizer = models._load_tokenizer(source) if models._has_tokenizer(source) else None
     ids = prompt_ids(req, tokenizer, source)
     memory.check_context(fp, len(ids), req.max_new_tokens)
