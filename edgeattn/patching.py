@@ -26,6 +26,7 @@ _BOUNDARY_ATTR = "edgeattn_boundaries"
 _PREVIOUS_ATTR = "edgeattn_previous_impl"
 _CAPTURE_ATTR = "edgeattn_capture"
 _KERNELS_ATTR = "edgeattn_kernels"
+_INDEX_ATTR = "edgeattn_chunk_index"  # an edgeattn.chunk_index.IndexState: incremental sparse decode
 KERNELS = ("reference", "tvm")
 
 # A boundary source: (keys [B, Hkv, L, D], layer module) -> boundaries [Nc+1] (int64).
@@ -68,6 +69,13 @@ def _edgeattn_attention(
         raise NotImplementedError(
             "sparse attention layers do not support padded batches; run one sequence at a time (batch size 1)"
         )
+    index = getattr(module, _INDEX_ATTR, None)
+    if index is not None and cfg.kind != "dense":
+        # keeps the layer's chunk index beside the cache; a decode step (one query) runs on it
+        kernels = getattr(module, _KERNELS_ATTR, "reference")
+        out = index.attend(module.layer_idx, query, key, value, scaling, softcap, sliding_window, kernels)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     boundary_fn: BoundaryFn | None = getattr(module, _BOUNDARY_ATTR, None)
     boundaries = boundary_fn(key, module) if boundary_fn is not None and cfg.kind == "dhsa" else None
     if getattr(module, _KERNELS_ATTR, "reference") == "tvm":
@@ -202,6 +210,7 @@ def patch(
     layers: str | Iterable[int] = "global",
     boundary_fn: BoundaryFn | None = None,
     kernels: str = "reference",
+    chunk_index: Any = None,
 ) -> list[int]:
     """Make ``layers`` of ``model`` use ``cfg``; other layers keep their attention.
 
@@ -210,6 +219,8 @@ def patch(
     ``kernels="tvm"`` runs *every* layer on the TIR kernels of
     ``kernels_tvm`` (zero-copy through DLPack): ``layers`` with ``cfg``, the
     others with the dense flash kernel and their own sliding window.
+    ``chunk_index`` (an :class:`edgeattn.chunk_index.IndexState`) makes the sparse layers keep a
+    chunk index beside the KV cache and decode on it in O(#chunks) instead of re-chunking the cache.
     Returns the patched layer indices.  Calling it again replaces the previous
     patch (layers not listed go back to the original attention).
     """
@@ -228,6 +239,7 @@ def patch(
         setattr(module, _CFG_ATTR, cfg if i in chosen else None)
         setattr(module, _BOUNDARY_ATTR, boundary_fn if i in chosen else None)
         setattr(module, _KERNELS_ATTR, kernels)
+        setattr(module, _INDEX_ATTR, chunk_index if i in chosen else None)
     _set_impl(model, _register(previous, kernels))
     return chosen
 
@@ -243,7 +255,7 @@ def unpatch(model: Any) -> None:
     if previous is None:
         return
     for module in attention_modules(model):
-        for attr in (_CFG_ATTR, _BOUNDARY_ATTR, _PREVIOUS_ATTR, _KERNELS_ATTR):
+        for attr in (_CFG_ATTR, _BOUNDARY_ATTR, _PREVIOUS_ATTR, _KERNELS_ATTR, _INDEX_ATTR):
             if hasattr(module, attr):
                 delattr(module, attr)
     _set_impl(model, previous)

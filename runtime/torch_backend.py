@@ -37,6 +37,7 @@ class TorchSession:
         layers: str = "global",
         boundary_fn: Callable[..., Any] | None = None,
         as_shipped: bool = False,
+        incremental: bool = True,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -53,6 +54,15 @@ class TorchSession:
         self._boundary_fn = boundary_fn
         self._cache: Any = None
         self._cached = 0
+        # sparse layers decode on a chunk index kept beside the cache (edgeattn/chunk_index.py);
+        # incremental=False re-chunks the whole cache at every step (the pre-index behaviour)
+        self._index_rule = None
+        if incremental and not as_shipped and cfg.kind != "dense":
+            from edgeattn import chunk_index
+
+            self._index_rule = chunk_index.rule_for(cfg, boundary_fn)
+        self.index: Any = None  # chunk_index.IndexState of the current cache
+        self._sig: dict[str, Any] | None = None
 
     def _patch(self) -> None:
         # patched per call: several sessions may share one model object, one at a time
@@ -61,7 +71,14 @@ class TorchSession:
         elif self.cfg.kind == "dense" and self._kernels == "reference":
             patching.unpatch(self.model)  # the reference's dense attention is the model's own
         else:
-            patching.patch(self.model, self.cfg, self._layers_spec, self._boundary_fn, kernels=self._kernels)
+            patching.patch(
+                self.model,
+                self.cfg,
+                self._layers_spec,
+                self._boundary_fn,
+                kernels=self._kernels,
+                chunk_index=self.index,
+            )
 
     def append(self, ids: Sequence[int]) -> np.ndarray:
         if not len(ids):
@@ -70,6 +87,7 @@ class TorchSession:
 
         if self._cache is None:
             self._cache = DynamicCache(config=self.model.config)
+            self.index = self._new_index()
         self._patch()
         try:
             with torch.inference_mode():
@@ -87,6 +105,35 @@ class TorchSession:
     def reset(self) -> None:
         self._cache = None
         self._cached = 0
+        self.index = None
+
+    def _signature(self) -> dict[str, Any]:
+        if self._sig is None:
+            from edgeattn import chunk_index
+
+            rule = self._index_rule or chunk_index.FixedRule(self.cfg.chunk_size)
+            sig = chunk_index.model_signature(self.model, self.cfg, rule, self.layers)
+            self._sig = {**sig, "chunk_index": self._index_rule is not None}
+        return self._sig
+
+    def _new_index(self) -> Any:
+        if self._index_rule is None:
+            return None
+        from edgeattn import chunk_index
+
+        return chunk_index.IndexState(self.cfg, self._index_rule, self._signature())
+
+    def past(self) -> Any:
+        """The decode state to resume later (KV cache, chunk indexes, token count), signed with what made it."""
+        from edgeattn import chunk_index
+
+        return chunk_index.PastState(self._cache, self.index, self._cached, self._signature())
+
+    def resume(self, past: Any) -> None:
+        """Continue from a state :meth:`past` returned.  A state another model or configuration made is
+        refused (ConfigError): its cache and chunk index would silently mean something else here."""
+        past.check_matches(self._signature())
+        self._cache, self.index, self._cached = past.cache, past.index, past.cached
 
     @property
     def cached_tokens(self) -> int:
