@@ -37,7 +37,11 @@ def test_remote_is_aarch64(device: emu.EmulatedArm64Device) -> None:
     assert str(triple).startswith("aarch64"), triple
 
 
-@pytest.mark.parametrize("target_name", ["arm64", "arm-a76", "arm-a78ae"])
+# one target in CI; the other CPU profiles only change the vector width / thread count (slow sweep)
+@pytest.mark.parametrize(
+    "target_name",
+    ["arm64", pytest.param("arm-a76", marks=pytest.mark.slow), pytest.param("arm-a78ae", marks=pytest.mark.slow)],
+)
 def test_small_kernel_matches_numpy(device: emu.EmulatedArm64Device, target_name: str) -> None:
     import tvm
     from tvm import te
@@ -73,7 +77,14 @@ def _run(device: emu.EmulatedArm64Device, target_name: str, case, op: str, **spe
     return emu.run_on_device(device.session, lib, get_profile(target_name).fcompile(), SYMBOL[op], case.args(op))
 
 
-@pytest.mark.parametrize("target_name,group", [("arm-a76", 4), ("arm-a78ae", 1), ("arm64", 8)])
+@pytest.mark.parametrize(
+    "target_name,group",
+    [
+        ("arm-a76", 4),
+        pytest.param("arm-a78ae", 1, marks=pytest.mark.slow),
+        pytest.param("arm64", 8, marks=pytest.mark.slow),
+    ],
+)
 def test_dhsa_kernels_match_reference_on_aarch64(device: emu.EmulatedArm64Device, target_name: str, group: int) -> None:
     """Selection, sparse and dense flash attention (softcap on), odd length, over RPC on the emulated CPU."""
     from edgeattn.kernels_tvm.abi import OP_DENSE, OP_SELECT, OP_SPARSE

@@ -55,7 +55,12 @@ def test_profile_builds_a_tvm_target(name: str) -> None:
 
 
 def test_arm_profiles_cross_compile_for_aarch64() -> None:
-    for name, cpu in [("arm64", None), ("arm-a72", "cortex-a72"), ("arm-a76", "cortex-a76"), ("arm-a78ae", "cortex-a78ae")]:
+    for name, cpu in [
+        ("arm64", None),
+        ("arm-a72", "cortex-a72"),
+        ("arm-a76", "cortex-a76"),
+        ("arm-a78ae", "cortex-a78ae"),
+    ]:
         target = T.get_target(name)
         assert str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
         assert "arm_cpu" in [str(k) for k in target.keys]

@@ -206,31 +206,44 @@ def test_default_model_small_budget_tvm_equals_reference_and_chunked_prefill(rea
         assert _rel(c, a) < 1e-4
 
 
+# Run in a fresh process, as `edgeattn run` is: a test process that has run hundreds of tests holds a
+# fragmented heap whose growth no plan of this run can account for (CI overshot by 53 MiB that way).
+_BUDGET_PROBE = """
+import json, torch
+from edgeattn import models
+from edgeattn.config import AttentionConfig
+from edgeattn.runtime import memory
+from edgeattn.runtime.host import RunRequest, run_on_host
+from edgeattn.runtime.measure import rss_bytes
+m = models.load()
+fp = memory.footprint_of(m.config)
+with torch.inference_mode():  # weights may be mapped lazily: touch them so the RSS holds them
+    m.model(input_ids=torch.tensor([[2, 3, 4]]))
+resident = rss_bytes() + (96 << 20)  # room for the kernels compiled during warm-up
+one_shot = memory.plan_run(fp, LENGTH, 4, resident, None)
+budget = one_shot.peak - (one_shot.activations * 2) // 3  # one-shot prefill would not fit
+req = RunRequest(configs=[AttentionConfig(kind="dhsa", budget=512, chunk_size=32)], synthetic_length=LENGTH,
+                 max_new_tokens=4, threads=2, memory_budget=budget, shipped_baseline=False)
+_, (row,) = run_on_host(req, loaded=m)
+print(json.dumps(dict(budget=budget, steps=row.prefill_steps, chunk=row.prefill_chunk,
+                      planned=row.planned_peak_mib, peak=row.peak_rss_mib)))
+"""
+
+
 @pytest.mark.real_model
 def test_budget_that_one_shot_would_exceed_is_met_by_chunked_prefill(real_model) -> None:
-    """The plan picks prefill chunks; the measured peak RSS stays within the budget."""
-    from edgeattn.runtime.host import RunRequest, run_on_host
-    from edgeattn.runtime.measure import rss_bytes
+    """The plan picks prefill chunks; the measured peak RSS of the process stays within the budget."""
+    import json
+    import subprocess
+    import sys
 
-    length = 6144
-    fp = memory.footprint_of(real_model.config)
-    with torch.inference_mode():  # weights may be mapped lazily: touch them so the RSS holds them
-        real_model.model(input_ids=torch.tensor([[2, 3, 4]]))
-    resident = rss_bytes() + (96 << 20)  # room for the kernels compiled during warm-up
-    one_shot = memory.plan_run(fp, length, 4, resident, None)
-    budget = one_shot.peak - (one_shot.activations * 2) // 3  # one-shot prefill would not fit
-    req = RunRequest(
-        configs=[AttentionConfig(kind="dhsa", budget=512, chunk_size=32)],
-        synthetic_length=length,
-        max_new_tokens=4,
-        threads=2,
-        memory_budget=budget,
-        shipped_baseline=False,
-    )
-    _, (row,) = run_on_host(req, loaded=real_model)
-    assert row.prefill_steps > 1 and row.prefill_chunk % 32 == 0
-    assert row.planned_peak_mib * memory.MIB <= budget
-    assert row.peak_rss_mib * memory.MIB <= budget, (row.peak_rss_mib, budget / memory.MIB)
+    script = _BUDGET_PROBE.replace("LENGTH", "6144")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["steps"] > 1 and got["chunk"] % 32 == 0
+    assert got["planned"] * memory.MIB <= got["budget"]
+    assert got["peak"] * memory.MIB <= got["budget"], (got, got["budget"] / memory.MIB)
 
 
 # ------------------------------------------------------------------ run MODEL.onnx: refused before loading

@@ -49,6 +49,9 @@ def tiny_export(tmp_path_factory) -> Path:
     return _export(tmp_path_factory.mktemp("targets"))
 
 
+# slow: tests/test_devices_remote.py and tests/test_run_device.py run an aarch64 artifact on the emulated
+# board in CI; this one adds the runtime-only install of a Gemma 2 (softcap) DHSA artifact
+@pytest.mark.slow
 @pytest.mark.skipif(not emu.is_set_up(), reason=emu.setup_problem() or "")
 def test_aarch64_artifact_runs_on_the_emulated_device_and_matches_the_host(tiny_export: Path, tmp_path: Path) -> None:
     arm = tvm_compile.compile_artifact(tiny_export, "arm64", max_context=64)
