@@ -289,7 +289,7 @@ def _register_external(verb: str, module: str, attr: str, issue: str) -> None:
 
 
 _register_external("export", "edgeattn.export.cli", "export_command", "the ONNX export issue")
-_register_external("calibrate", "edgeattn.calibrate", "calibrate_command", "the adaptive chunking issue")
+_register_external("calibrate", "edgeattn.calibrate_cli", "calibrate_command", "the adaptive chunking issue")
 _register_external("compile", "edgeattn.runtime.compile_cli", "compile_command", "the whole-model TVM compile issue")
 _register_external(
     "devices", "edgeattn.devices.cli", "devices_app", "the devices issue (RPC, tracker, Android, Pi, Jetson)"
