@@ -172,7 +172,7 @@ def format_table(header: dict[str, Any], results: list[RunResult]) -> str:
     lines = [head, ""]
     cols = (
         f"{'backend/attention':<20}{'kernels':>10}{'tokens':>8}{'prefill s':>11}{'tok/s':>9}{'vs shipped':>11}"
-        f"{'vs dense':>10}{'peak RSS':>10}{'planned':>9}{'steps':>7}{'decode tok/s':>14}"
+        f"{'vs dense':>10}{'peak RSS':>10}{'planned':>9}{'steps':>7}{'decode tok/s':>14}{'decode vs dense':>17}"
     )
     lines.append(cols)
     shipped = next((r for r in results if r.backend == "transformers"), None)
@@ -182,12 +182,15 @@ def format_table(header: dict[str, Any], results: list[RunResult]) -> str:
         d = dense.get(r.backend)
         vs_dense = f"{d.prefill_s / r.prefill_s:.2f}x" if d else "-"
         decode = f"{r.decode_tok_s:.1f}" if r.decode_tok_s else "-"
+        decode_vs = f"{r.decode_tok_s / d.decode_tok_s:.2f}x" if d and d.decode_tok_s and r.decode_tok_s else "-"
         lines.append(
             f"{r.label:<20}{r.kernels:>10}{r.prompt_tokens:>8}{r.prefill_s:>11.2f}{r.tok_s:>9.0f}{vs_shipped:>11}"
             f"{vs_dense:>10}{r.peak_rss_mib:>10.0f}{r.planned_peak_mib:>9.0f}{r.prefill_steps:>7}{decode:>14}"
+            f"{decode_vs:>17}"
         )
     lines.append("")
     lines.append("peak RSS and planned peak in MiB; steps = prefill calls (more than 1: chunked to fit the budget)")
+    lines.append("decode vs dense: decode tok/s over the dense row of the same backend (DHSA: on its chunk index)")
     for r in results:
         lines.append(f"[{r.label}] {r.continuation!r}")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ import torch
 
 from edgeattn import patching
 from edgeattn.config import AttentionConfig
+from edgeattn.runtime import kv_cache
 from edgeattn.runtime.session import SessionInfo
 
 
@@ -86,7 +87,10 @@ class TorchSession:
         from transformers import DynamicCache
 
         if self._cache is None:
-            self._cache = DynamicCache(config=self.model.config)
+            if self._as_shipped:
+                self._cache = DynamicCache(config=self.model.config)
+            else:  # appends in place: no whole-cache copy per decode step (runtime/kv_cache.py)
+                self._cache = kv_cache.new_cache(self.model.config)
             self.index = self._new_index()
         self._patch()
         try:

@@ -95,7 +95,7 @@ def test_index_selection_and_attention_equal_reference(length: int, local: int) 
     assert torch.equal(sel.keep, keep[:, :, 0, : sel.own + 1])
     assert not bool(keep[:, :, 0, sel.own + 1 :].any())
     ref = dhsa.attention(q, k, v, cfg, scaling=0.25)
-    out = ci.attend_reference(q, k, v, sel, idx.bounds, cfg.sinks, 0.25)
+    out = ci.attend_reference(q, k, v, sel, idx, cfg.sinks, 0.25)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     out_tvm = ci.attend_tvm(q, k.contiguous(), v, idx, sel, cfg, 0.25)
     torch.testing.assert_close(out_tvm, ref, rtol=1e-5, atol=1e-5)
@@ -185,14 +185,18 @@ def test_unsupported_boundary_source_is_a_clear_error() -> None:
 
 
 @pytest.mark.real_model
-def test_real_model_full_budget_decode_equals_dense(real_model) -> None:
-    """The must-hold: budget >= context, 64 greedy steps after a 512-token prompt, on the default model."""
+@pytest.mark.parametrize(
+    ("prompt", "steps"),
+    [(256, 16), pytest.param(512, 64, marks=pytest.mark.slow)],  # the issue's must-hold is the slow one
+)
+def test_real_model_full_budget_decode_equals_dense(real_model, prompt: int, steps: int) -> None:
+    """Budget >= context on the default model: the same greedy tokens, logits within 1e-4 relative."""
     from edgeattn import text
 
-    ids = text.token_ids(real_model.tokenizer, 512)
-    dense = _greedy(TorchSession(real_model, AttentionConfig(kind="dense"), kernels="reference"), ids, 64)
+    ids = text.token_ids(real_model.tokenizer, prompt)
+    dense = _greedy(TorchSession(real_model, AttentionConfig(kind="dense"), kernels="reference"), ids, steps)
     dhsa_full = TorchSession(real_model, AttentionConfig(kind="dhsa", budget=4096), kernels="reference")
-    tokens, logits = _greedy(dhsa_full, ids, 64)
+    tokens, logits = _greedy(dhsa_full, ids, steps)
     assert tokens == dense[0]
     rel = np.abs(logits - dense[1]).max(axis=1) / np.abs(dense[1]).max(axis=1)
     assert rel.max() <= 1e-4, rel.max()

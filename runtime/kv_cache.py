@@ -1,0 +1,65 @@
+"""A KV cache whose full-attention layers append in place instead of copying the whole cache per token.
+
+transformers' ``DynamicLayer.update`` is ``torch.cat([keys, new])``: every decode step copies the
+layer's entire K and V (at 32K tokens, 64 MiB per Gemma 3 270M global layer, read and written),
+which is as much memory traffic as dense attention reads and far more than DHSA reads.  A
+decode step is memory-bound, so that copy alone hides most of what sparse decode saves.
+
+:class:`GrowingLayer` keeps K and V in storage with spare room (grown by 1/8 + 256 tokens when
+full, so appends cost O(1) amortised and the slack stays small for the memory plan) and hands
+out views of the filled part.  The views are contiguous only when batch x KV heads is 1, which
+the kernels need zero-copy; otherwise the layer falls back to concatenation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+GROWTH = 1.125
+SLACK_TOKENS = 256
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer that writes new tokens into spare room (see the module docstring)."""
+
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, add, d = key_states.shape
+        if b * h != 1:  # views of spare storage would not be contiguous: concatenate as transformers does
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.numel() else 0
+        kbuf = self._kbuf
+        in_place = kbuf is not None and n > 0 and self.keys.data_ptr() == kbuf.data_ptr()
+        if not in_place or n + add > kbuf.shape[-2]:
+            cap = int((n + add) * GROWTH) + SLACK_TOKENS
+            new_k = key_states.new_empty(b, h, cap, d)
+            new_v = value_states.new_empty(b, h, cap, value_states.shape[-1])
+            if n:
+                new_k[:, :, :n] = self.keys
+                new_v[:, :, :n] = self.values
+            self._kbuf, self._vbuf = new_k, new_v
+        self._kbuf[:, :, n : n + add] = key_states
+        self._vbuf[:, :, n : n + add] = value_states
+        self.keys = self._kbuf[:, :, : n + add]
+        self.values = self._vbuf[:, :, : n + add]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._kbuf = self._vbuf = None
+        super().reset()
+
+
+def new_cache(config: Any) -> DynamicCache:
+    """A DynamicCache for ``config`` whose full-attention layers are :class:`GrowingLayer` s."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache

@@ -1,0 +1,59 @@
+"""runtime/kv_cache.py: full-attention cache layers that append in place."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from edgeattn.runtime import kv_cache
+from edgeattn.tiny import tiny_model
+
+
+def test_growing_layer_appends_in_place_and_matches_concatenation() -> None:
+    layer, plain = kv_cache.GrowingLayer(), DynamicLayer()
+    g = torch.Generator().manual_seed(0)
+    ptrs = set()
+    for add in (300, 1, 1, 5, 1, 40, 1):
+        k, v = torch.randn(1, 1, add, 8, generator=g), torch.randn(1, 1, add, 8, generator=g)
+        keys, values = layer.update(k, v)
+        ref_k, ref_v = plain.update(k, v)
+        assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+        assert keys.is_contiguous() and values.is_contiguous()
+        ptrs.add(keys.data_ptr())
+    assert len(ptrs) == 1  # one allocation served every append (300 * 1.125 + 256 tokens of room)
+    assert layer.get_seq_length() == 349
+    twin = copy.deepcopy(layer)  # benchmarks copy a cache; the copy grows on its own
+    twin.update(torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8))
+    assert layer.get_seq_length() == 349 and twin.get_seq_length() == 350
+    layer.crop(-9)
+    keys, _ = layer.update(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8))
+    assert keys.shape[-2] == 341 and torch.equal(keys[0, 0, -1], torch.zeros(8))
+
+
+def test_several_kv_heads_fall_back_to_concatenation() -> None:
+    layer = kv_cache.GrowingLayer()
+    k = torch.randn(1, 2, 10, 8)
+    keys, _ = layer.update(k, k)
+    keys, _ = layer.update(k, k)
+    assert keys.shape == (1, 2, 20, 8) and keys.is_contiguous()
+
+
+def test_model_decodes_the_same_on_the_growing_cache() -> None:
+    from transformers import DynamicCache
+
+    model = tiny_model("gemma3", num_key_value_heads=1)
+    ids = torch.randint(4, 512, (1, 40), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for cache in (DynamicCache(config=model.config), kv_cache.new_cache(model.config)):
+        logits = []
+        with torch.inference_mode():
+            out = model(input_ids=ids, cache=cache, use_cache=True)
+            for _ in range(6):
+                nxt = out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=nxt, cache=cache, use_cache=True)
+                logits.append(out.logits[0, -1])
+        outs.append(torch.stack(logits))
+    assert any(isinstance(layer, kv_cache.GrowingLayer) for layer in cache.layers)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
