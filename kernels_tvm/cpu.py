@@ -21,47 +21,14 @@ No buffer depends on L except the inputs/outputs: per item Qt, O [R, D], S [KT, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import tvm
 from tvm.script import tirx as T
-from tvm.target import codegen
 
 from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
+from .schedule import CpuSchedule, target_lanes
 from .select import build_chunk_select
 from .tirmath import fexp, fexp_nonpos, softcapped
-
-
-@dataclass(frozen=True)
-class CpuSchedule:
-    """The knobs of the CPU attention loop nest."""
-
-    lanes: int = 8  # fp32 lanes of one vector register
-    qt: int = 32  # queries per head in a tile (R = g * qt rows)
-    kt: int = 32  # keys per tile
-    jb: int = 4  # S-GEMM register tile: keys (broadcast) ...
-    rb: int = 16  # ... x rows (vector)
-    ri: int = 4  # PV-GEMM register tile: rows (broadcast) ...
-    db: int = 16  # ... x head dims (vector)
-    par: int = 64  # parallel lanes (static extent); work item w runs on lane w % par
-    prefetch: bool = True  # software-prefetch the next key tile's K/V rows (sparse: scattered chunks)
-    jb_tail: int = 8  # keys per block in the narrower S tail block (R % rb rows)
-    db_tail: int = 32  # head dims per block in the PV tail block (R % ri rows)
-
-
-def target_lanes(target: tvm.target.Target) -> int:
-    """fp32 lanes of the target's native vector registers (16: AVX-512, 8: AVX2, 4: NEON/SSE)."""
-    triple = str(target.attrs.get("mtriple", "")) or str(codegen.llvm_get_system_triple())
-    if triple.startswith(("aarch64", "arm")):
-        return 4
-    try:
-        if codegen.target_has_features("avx512f", target):
-            return 16
-        if codegen.target_has_features("avx2", target) or codegen.target_has_features("avx", target):
-            return 8
-    except Exception:  # pragma: no cover - feature query unsupported
-        pass
-    return 4
+from .tuning_records import tuned_schedule
 
 
 def schedule_for(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule:
@@ -74,10 +41,8 @@ def schedule_and_source(spec: KernelSpec, target: tvm.target.Target) -> tuple[Cp
 
     Records live in ``kernels_tvm/tuning/<profile>.json``; for ``x86-host`` one applies only
     when it was measured on this CPU model (the same knobs can be slower on another CPU).
-    A corrupt or foreign record file raises ``tune.TuningRecordError`` naming the file.
+    A corrupt or foreign record file raises ``tuning_records.TuningRecordError`` naming the file.
     """
-    from .tune import tuned_schedule  # tune imports this module
-
     default = default_schedule(spec, target)
     tuned, path = tuned_schedule(spec, target, lanes=default.lanes)
     if tuned is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from .cpu import target_lanes
+from .schedule import target_lanes
 
 
 @dataclass(frozen=True)

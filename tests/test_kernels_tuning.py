@@ -17,7 +17,7 @@ import tvm
 
 from edgeattn import dhsa
 from edgeattn.config import AttentionConfig
-from edgeattn.kernels_tvm import cpu, registry, tune
+from edgeattn.kernels_tvm import cpu, registry, tune, tuning_records
 from edgeattn.kernels_tvm.abi import OP_DENSE, OP_SPARSE, KernelSpec
 from edgeattn.runtime.measure import cpu_model
 
@@ -27,7 +27,7 @@ SPEC = KernelSpec(op=OP_DENSE, **DIMS)
 
 @pytest.fixture
 def records(tmp_path, monkeypatch):
-    monkeypatch.setenv(tune.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(tuning_records.ENV_DIR, str(tmp_path))
     return tmp_path
 
 
@@ -39,24 +39,24 @@ def tuned_knobs() -> cpu.CpuSchedule:
     """A valid schedule that differs from the default (so 'applied' is observable)."""
     default = cpu.default_schedule(SPEC, host())
     other = replace(default, qt=default.lanes * 2, kt=16, par=16, prefetch=not default.prefetch)
-    assert other != default and tune.schedule_problem(SPEC, other) is None
+    assert other != default and tuning_records.schedule_problem(SPEC, other) is None
     return other
 
 
 def write_file(folder, records, target="x86-host", name="x86-host.json"):
     path = folder / name
-    path.write_text(json.dumps({"format": tune.FORMAT, "target": target, "records": records}))
+    path.write_text(json.dumps({"format": tuning_records.FORMAT, "target": target, "records": records}))
     return path
 
 
 def record(sch: cpu.CpuSchedule, model: str, choice: str = "tuned", spec: KernelSpec = SPEC) -> dict:
     return {
         "op": spec.op,
-        "shape": {f: getattr(spec, f) for f in tune.SHAPE_FIELDS},
+        "shape": {f: getattr(spec, f) for f in tuning_records.SHAPE_FIELDS},
         "choice": choice,
         "schedule": asdict(sch),
         "cpu_model": model,
-        "mcpu": tune.target_mcpu(host()),
+        "mcpu": tuning_records.target_mcpu(host()),
     }
 
 
@@ -112,14 +112,17 @@ def test_default_is_best_record_and_other_shapes_keep_defaults(records) -> None:
     [
         ("{not json", "not readable JSON"),
         (json.dumps({"format": "something-else", "target": "x86-host", "records": []}), "not an edgeattn tuning"),
-        (json.dumps({"format": tune.FORMAT, "target": "arm-a76", "records": []}), "holds records for target"),
-        (json.dumps({"format": tune.FORMAT, "target": "x86-host", "records": [{"op": OP_DENSE}]}), "lacks one of"),
+        (json.dumps({"format": tuning_records.FORMAT, "target": "arm-a76", "records": []}), "holds records for target"),
+        (
+            json.dumps({"format": tuning_records.FORMAT, "target": "x86-host", "records": [{"op": OP_DENSE}]}),
+            "lacks one of",
+        ),
     ],
 )
 def test_corrupt_or_foreign_file_is_a_clear_error(records, content, fragment) -> None:
     path = records / "x86-host.json"
     path.write_text(content)
-    with pytest.raises(tune.TuningRecordError) as info:
+    with pytest.raises(tuning_records.TuningRecordError) as info:
         registry.get_kernel(OP_DENSE, host(), **DIMS)
     msg = str(info.value)
     assert str(path) in msg and fragment in msg and "python -m edgeattn.kernels_tvm.tune --target x86-host" in msg
@@ -129,11 +132,11 @@ def test_unknown_knob_or_unbuildable_schedule_is_an_error(records) -> None:
     bad = record(tuned_knobs(), cpu_model())
     bad["schedule"]["unroll"] = 4
     write_file(records, [bad])
-    with pytest.raises(tune.TuningRecordError, match="knobs outside"):
+    with pytest.raises(tuning_records.TuningRecordError, match="knobs outside"):
         cpu.schedule_for(SPEC, host())
     wrong = record(replace(tuned_knobs(), jb=3, kt=16), cpu_model())  # kt not a multiple of jb
     write_file(records, [wrong])
-    with pytest.raises(tune.TuningRecordError, match="cannot build"):
+    with pytest.raises(tuning_records.TuningRecordError, match="cannot build"):
         cpu.schedule_for(SPEC, host())
 
 
@@ -144,7 +147,7 @@ def test_short_real_tuning_run_writes_a_valid_file_atomically(records, monkeypat
     argv += ["--heads-q", "2", "--head-dim", "32", "--out", str(out)]
     assert tune.main(argv) == 0
     assert sorted(p.name for p in records.iterdir()) == ["x86-host.json"]  # no temp file left
-    (rec,) = tune.load_records(out)
+    (rec,) = tuning_records.load_records(out)
     assert rec["op"] == OP_DENSE and rec["candidates"] == 2 and rec["cpu_model"] == cpu_model()
     assert rec["choice"] in ("tuned", "default") and rec["threads"] == 2 and rec["tvm_version"] == tvm.__version__
     assert len(rec["time_s"]["default"]) == 2 and all(t > 0 for t in rec["time_s"]["default"])
@@ -174,7 +177,7 @@ def test_short_real_tuning_run_writes_a_valid_file_atomically(records, monkeypat
 
     monkeypatch.setattr(atomic.os, "fdopen", half_written)
     with pytest.raises(OSError, match="disk full"):
-        tune.write_records(out, "x86-host", [rec])
+        tuning_records.write_records(out, "x86-host", [rec])
     assert out.read_bytes() == before and sorted(p.name for p in records.iterdir()) == ["x86-host.json"]
 
 
@@ -184,7 +187,7 @@ def test_candidates_fit_the_registers_and_build_rules() -> None:
     assert len(seen) > 10
     nregs = tune.vector_registers(cpu.default_schedule(SPEC, target).lanes, target)
     for _, s in seen:
-        assert tune.schedule_problem(SPEC, s) is None
+        assert tuning_records.schedule_problem(SPEC, s) is None
         assert s.jb * (s.rb // s.lanes) + s.rb // s.lanes + 1 <= nregs
         assert s.ri * (s.db // s.lanes) + s.db // s.lanes + 1 <= nregs
 
@@ -192,11 +195,11 @@ def test_candidates_fit_the_registers_and_build_rules() -> None:
 def test_profile_of_targets_and_arm_needs_the_device(capsys) -> None:
     from edgeattn.kernels_tvm.targets import get_target
 
-    assert tune.profile_of(host()) == "x86-host"
-    assert tune.profile_of(get_target("arm-a76")) == "arm-a76"
-    assert tune.profile_of(get_target("arm-a78ae")) == "arm-a78ae"
-    assert tune.profile_of(get_target("arm64")) == "arm64"
-    assert tune.profile_of(tvm.target.Target({"kind": "cuda", "arch": "sm_87"})) is None
+    assert tuning_records.profile_of(host()) == "x86-host"
+    assert tuning_records.profile_of(get_target("arm-a76")) == "arm-a76"
+    assert tuning_records.profile_of(get_target("arm-a78ae")) == "arm-a78ae"
+    assert tuning_records.profile_of(get_target("arm64")) == "arm64"
+    assert tuning_records.profile_of(tvm.target.Target({"kind": "cuda", "arch": "sm_87"})) is None
     with pytest.raises(SystemExit) as info:
         tune.parse_args(["--target", "arm-a76"])
     assert info.value.code == 2 and "--rpc" in capsys.readouterr().err
