@@ -110,8 +110,9 @@ def run(
     model: Annotated[
         str | None,
         typer.Argument(
-            help="Model: a local HF directory, a .gguf file, or an .onnx file from `edgeattn export` "
-            "(run on the ort/tvm backends). Default: built-in."
+            help="Model: a local HF directory, a .gguf file, an .onnx file from `edgeattn export` "
+            "(run on the ort/tvm backends), or an artifact folder from `edgeattn compile` (run on tvm, as "
+            "compiled). Default: built-in."
         ),
     ] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
@@ -211,6 +212,8 @@ def run(
       edgeattn run --backend torch,ort --kernels tvm
 
       edgeattn run ./my-gemma2-dir --prompt-file notes.txt
+
+      edgeattn run model.tvm-x86-host-1a2b3c4d     # an artifact folder `edgeattn compile` wrote
     """
     from edgeattn.runtime import host, memory
 

@@ -103,6 +103,8 @@ def run_on_host(
     onnx_file = exported_file(req.model)
     if onnx_file is not None:
         return _run_exported(req, onnx_file, log)
+    if artifact_folder(req.model) is not None:
+        return _run_artifact(req, Path(str(req.model)), log)
     if req.device != "host":
         from edgeattn.devices.profiles import get_profile
 
@@ -160,6 +162,16 @@ def exported_file(model: str | None) -> Path | None:
     return None
 
 
+def artifact_folder(model: str | None) -> Path | None:
+    """The compiled TVM artifact folder a MODEL argument names (`edgeattn compile` writes them), if it names one."""
+    if model is None:
+        return None
+    from edgeattn.runtime.tvm_backend import MANIFEST
+
+    path = Path(str(model))
+    return path if path.is_dir() and (path / MANIFEST).is_file() and not (path / "config.json").is_file() else None
+
+
 def _source_of_export(path: Path, manifest: dict[str, Any]) -> Path:
     """The HF directory an export was made from: its tokenizer and config describe the file."""
     from edgeattn import models
@@ -176,32 +188,14 @@ def _source_of_export(path: Path, manifest: dict[str, Any]) -> Path:
 
 def _run_exported(req: RunRequest, path: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], list[RunResult]]:
     """`edgeattn run model.onnx`: the file's own attention, on the ort (default) or tvm backend."""
-    from transformers import AutoConfig
-
-    from edgeattn import models
     from edgeattn.runtime import ort_backend
 
     backends = req.backends or ["ort"]
     if "torch" in backends:
         raise ConfigError(f"{path} is an ONNX file: run it with --backend ort or tvm (torch runs model folders)")
     manifest = ort_backend.check_export(path)  # a mismatched or corrupt file stops here, before any load
-    source = _source_of_export(path, manifest)
-    hf_config = AutoConfig.from_pretrained(str(source))
-    fp = memory.footprint_of(hf_config, backend="ort", kernels=req.kernels)
-    _refuse_before_loading(req, fp, rss_bytes())
-    tokenizer = models._load_tokenizer(source) if models._has_tokenizer(source) else None
-    ids = prompt_ids(req, tokenizer, source)
-    memory.check_context(fp, len(ids), req.max_new_tokens)
-    attention = manifest.get("attention", {})
-    header = report_header(
-        str(path),
-        req.threads,
-        req.memory_budget,
-        budget=attention.get("budget"),
-        chunk_size=attention.get("chunk_size"),
-        chunking=attention.get("chunking"),
-        kernels=req.kernels,
-    )
+    run = _prepare_file_run(req, path, manifest, backend="ort", kernels=req.kernels)
+    hf_config, fp, tokenizer, ids, attention, header = run
     results = []
     for backend in backends:
         if backend == "ort":
@@ -280,6 +274,62 @@ def _boundary_fn(cfg: AttentionConfig, loaded: Any) -> Any:
     from edgeattn import chunking
 
     return chunking.boundary_fn_for(cfg, loaded)
+
+
+def _prepare_file_run(req: RunRequest, path: Path, described: dict[str, Any], backend: str, kernels: str) -> tuple:
+    """What a run of an .onnx export or a compiled artifact needs before its session opens.
+
+    ``described`` is the part of the file's manifest naming the source model and its attention;
+    the source model's folder gives the config (for the memory plan) and the tokenizer.
+    Returns (hf_config, footprint, tokenizer, prompt ids, attention, report header).
+    """
+    from transformers import AutoConfig
+
+    from edgeattn import models
+
+    source = _source_of_export(path, described)
+    hf_config = AutoConfig.from_pretrained(str(source))
+    fp = memory.footprint_of(hf_config, backend=backend, kernels=kernels)
+    _refuse_before_loading(req, fp, rss_bytes())
+    tokenizer = models._load_tokenizer(source) if models._has_tokenizer(source) else None
+    ids = prompt_ids(req, tokenizer, source)
+    memory.check_context(fp, len(ids), req.max_new_tokens)
+    attention = described.get("attention") or {}
+    header = report_header(
+        str(path),
+        req.threads,
+        req.memory_budget,
+        budget=attention.get("budget"),
+        chunk_size=attention.get("chunk_size"),
+        chunking=attention.get("chunking"),
+        kernels=kernels,
+    )
+    return hf_config, fp, tokenizer, ids, attention, header
+
+
+def _run_artifact(req: RunRequest, path: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], list[RunResult]]:
+    """`edgeattn run ARTIFACT_DIR`: a compiled model as it is, on the tvm backend (its own attention)."""
+    from edgeattn.runtime import tvm_backend
+
+    if set(req.backends) - {"tvm"}:
+        raise ConfigError(f"{path} is a compiled TVM artifact: it runs on --backend tvm only (leave --backend out)")
+    if req.device != "host":
+        raise ConfigError(
+            f"{path} is an artifact for this machine; to run on {req.device}, pass the model or its .onnx export "
+            f"(edgeattn run MODEL --device {req.device} compiles and caches the artifact for that device)"
+        )
+    manifest = tvm_backend.read_manifest(path)  # wrong target, TVM version or a damaged manifest stop here
+    hf_config, fp, tokenizer, ids, attention, header = _prepare_file_run(
+        req, path, manifest.get("export") or {}, backend="tvm", kernels="tvm"
+    )
+    limit = int(manifest.get("max_context") or 0)
+    if len(ids) + req.max_new_tokens > limit:
+        raise ConfigError(
+            f"{path} was compiled for at most {limit} tokens, and this run needs {len(ids)} + {req.max_new_tokens}; "
+            "use a shorter prompt or compile again with a larger --max-context"
+        )
+    session = tvm_backend.open_session(path, threads=req.threads)  # files checked by sha256 before loading
+    return header, [_measure(req, session, ids, hf_config, fp, attention.get("chunk_size") or 1, tokenizer, log)]
 
 
 def _ort_session(req: RunRequest, loaded: Any, cfg: AttentionConfig) -> Any:

@@ -307,3 +307,45 @@ def test_run_cli_backends_side_by_side_agree(tmp_path) -> None:
         assert r["prompt_tokens"] == 150 and r["new_tokens"] == 4 and r["prefill_steps"] == 1
         assert r["planned_peak_mib"] > 0 and r["peak_rss_mib"] > 0 and r["prefill_cpu_s"] > 0
     assert report["threads"] >= 1 and report["cpu"]
+
+
+# ------------------------------------------------------------------ run ARTIFACT_DIR (a compiled model)
+
+
+def test_run_a_compiled_artifact_folder_as_it_is(tmp_path) -> None:
+    """`edgeattn run ARTIFACT_DIR` runs what `edgeattn compile` wrote, with the export's tokens; misuse is one line."""
+    import json
+
+    from edgeattn.export.exporter import export_model
+    from edgeattn.runtime.tvm_compile import compile_artifact
+    from edgeattn.tiny import save_tiny_model
+
+    env = {"EDGEATTN_CACHE": str(tmp_path / "cache")}
+    model_dir = save_tiny_model(tmp_path / "tiny", "gemma3", tokenizer=True)
+    onnx_path = tmp_path / "tiny.onnx"
+    export_model(str(model_dir), onnx_path, AttentionConfig(kind="dhsa", budget=48, chunk_size=16))
+    artifact = compile_artifact(onnx_path, "x86-host", max_context=96).path
+    common = ["--synthetic-length", "64", "--max-new-tokens", "3", "--json"]
+
+    def rows(target: str) -> list[dict]:
+        res = runner.invoke(app, ["run", target, *common], env=env)
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output[res.output.index("{") : res.output.rindex("}") + 1])["results"]
+
+    (got,) = rows(str(artifact))
+    (ort,) = rows(str(onnx_path))
+    assert (got["backend"], got["attention"]) == ("tvm", "dhsa") and ort["backend"] == "ort"
+    assert got["token_ids"] == ort["token_ids"] and got["prompt_tokens"] == 64
+
+    before = _listing(artifact)
+    for args, message in [
+        (["--backend", "ort"], "runs on --backend tvm only"),
+        (["--synthetic-length", "94"], "compiled for at most 96 tokens"),
+        (["--device", "arm64-emulated"], "is an artifact for this machine"),
+    ]:
+        res = runner.invoke(app, ["run", str(artifact), "--synthetic-length", "64", *args], env=env)
+        assert res.exit_code == 2 and res.output.startswith("error:") and message in res.output, res.output
+    (artifact / "params.bin").write_bytes(b"damaged")
+    res = runner.invoke(app, ["run", str(artifact), "--synthetic-length", "64"], env=env)
+    assert res.exit_code == 2 and "sha256" in res.output, res.output
+    assert set(_listing(artifact)) == set(before)  # nothing written beside the artifact
