@@ -299,7 +299,7 @@ _register_external(
 )
 _register_external("serve", "edgeattn.devices.cli", "serve_command", "the devices issue (device agent)")
 app.command("bench")(_not_built("bench", "the benchmark issue (DHSA vs dense vs llama.cpp on a device)"))
-app.command("eval")(_not_built("eval", "the accuracy evaluation issue (needle-in-a-haystack, LongBench-style)"))
+_register_external("eval", "edgeattn.evals.cli", "eval_app", "the accuracy evaluation issue")
 
 
 def main() -> None:

@@ -29,15 +29,26 @@ class Prompt:
     span: tuple[int, int]  # [start, end) token positions of the fact
 
 
-def build_prompt(tokenizer: Any, body: list[int], length: int, depth: float, fact: str) -> Prompt:
-    """Exactly ``length`` tokens: BOS, prose ``body`` with the needle at ``depth`` (0..1), the question."""
+def build_prompt(
+    tokenizer: Any,
+    body: list[int],
+    length: int,
+    depth: float,
+    fact: str,
+    needle: str = NEEDLE,
+    question_text: str = QUESTION,
+) -> Prompt:
+    """Exactly ``length`` tokens: BOS, prose ``body`` with the needle at ``depth`` (0..1), the question.
+
+    ``needle`` (holding ``{fact}`` once) and ``question_text`` default to the blue-lighthouse fact;
+    the passkey eval passes its own."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    head, tail = NEEDLE.split("{fact}")
+    head, tail = needle.split("{fact}")
     pre = tokenizer(head, add_special_tokens=False).input_ids
     fact_ids = tokenizer(fact, add_special_tokens=False).input_ids
     post = tokenizer(tail, add_special_tokens=False).input_ids
-    question = tokenizer(QUESTION, add_special_tokens=False).input_ids
+    question = tokenizer(question_text, add_special_tokens=False).input_ids
     filler = length - 1 - len(pre) - len(fact_ids) - len(post) - len(question)
     if filler < 0 or filler > len(body):
         raise ValueError(f"cannot build a {length}-token prompt from {len(body)} tokens of prose")
@@ -55,23 +66,25 @@ def needle_in_selection(
     cfg: AttentionConfig,
     span: tuple[int, int],
 ) -> dict[str, Any]:
-    """For prefill q [1,Hq,L,D], k [1,Hkv,L,D]: the needle chunk, its rank among the candidates of the
+    """For prefill q [1,Hq,Lq,D], k [1,Hkv,L,D] (q the last Lq positions: a whole prefill, or the
+    continuation of a cached prefix): the needle chunk, its rank among the candidates of the
     last query chunk by selection score and by dense attention mass (1 = first), whether ``cfg``'s
     selection keeps it (in every KV head), and the selection itself (``keep``)."""
-    length = k.shape[2]
-    qb = dhsa.query_boundaries(boundaries, length, length)
+    length, q_len = k.shape[2], q.shape[2]
+    qb = dhsa.query_boundaries(boundaries, q_len, length)
     scores = dhsa.chunk_scores(q, k, qb, boundaries, normalize=cfg.kind == "dhsa")
     keep = dhsa.select_chunks(scores, boundaries, cfg.budget, cfg.sinks, cfg.local)
-    last = scores.shape[-2] - 1
+    last_q = scores.shape[-2] - 1  # the last query chunk, which is the last key chunk
+    last = scores.shape[-1] - 1
     own_start = int(boundaries[last])
     hq, hkv = q.shape[1], k.shape[1]
-    rows = q[0, :, own_start:]
+    rows = q[0, :, own_start - (length - q_len) :]
     logits = torch.stack([rows[h] @ k[0, h // (hq // hkv)].T for h in range(hq)]) * scaling
     causal = dhsa.causal_mask(length - own_start, length, None)
     probs = torch.softmax(logits.masked_fill(~causal, -torch.inf), -1).mean(dim=(0, 1))  # [L]
     kc = dhsa.chunk_of_token(boundaries, length)
     chunk_mass = torch.zeros(len(boundaries) - 1, dtype=probs.dtype).index_add_(0, kc, probs)[:last]
-    row = scores[0, :, last, :last].mean(0)
+    row = scores[0, :, last_q, :last].mean(0)
     candidates = sorted({int(kc[t]) for t in range(*span)})
     needle = max(candidates, key=lambda x: float(chunk_mass[x]))
     return {
@@ -79,6 +92,6 @@ def needle_in_selection(
         "candidates": last,
         "rank_score": int((row > row[needle]).sum()) + 1,
         "rank_mass": int((chunk_mass > chunk_mass[needle]).sum()) + 1,
-        "kept": bool(keep[0, :, last, needle].all()),
+        "kept": bool(keep[0, :, last_q, needle].all()),
         "keep": keep,
     }
