@@ -8,12 +8,14 @@ their ratio: the most a sparse global layer can buy when the MLPs stay dense.
 
     python benchmarks/prefill.py --lengths 4K,8K,16K,32K --json benchmarks/results/prefill.json
     python benchmarks/prefill.py --lengths 16K --rows transformers,torch-dense,torch-dhsa
+    python benchmarks/prefill.py --lengths 8K --rows torch-dense,torch-dense-unfused   # the fused elementwise ops
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,6 +38,9 @@ ROWS: dict[str, tuple[str, str, str]] = {
     "ort-dhsa": ("ort", "dhsa", "tvm"),
     "tvm-dense": ("tvm", "dense", "tvm"),
     "tvm-dhsa": ("tvm", "dhsa", "tvm"),
+    # the torch backend with transformers' own elementwise ops (EDGEATTN_FUSED_OPS=0): what fusing them buys
+    "torch-dense-unfused": ("torch", "dense", "tvm"),
+    "torch-dhsa-unfused": ("torch", "dhsa", "tvm"),
 }
 DEFAULT_ROWS = "transformers,torch-dense,torch-dhsa,ort-gqa,ort-dense,ort-dhsa"
 
@@ -68,6 +73,10 @@ def parse_lengths(spec: str) -> list[int]:
 def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
     """One (row, length) in this process: what the parent's child process prints as JSON."""
     set_threads(args.threads)
+    if row.endswith("-unfused"):
+        from edgeattn import fused_ops
+
+        os.environ[fused_ops.ENV_SWITCH] = "0"
     from edgeattn import models
     from edgeattn.config import AttentionConfig
     from edgeattn.runtime.flops import prefill_flops
@@ -133,7 +142,8 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         if "error" in r:
             continue
         shipped = by.get((r["length"], "transformers"))
-        dense = by.get((r["length"], f"{r['backend']}-dense"))
+        twin = r["row"].replace("-dhsa", "-dense")  # torch-dhsa-unfused -> torch-dense-unfused
+        dense = by.get((r["length"], twin)) or by.get((r["length"], f"{r['backend']}-dense"))
         r["vs_shipped"] = shipped["prefill_s"] / r["prefill_s"] if shipped else None
         r["vs_dense"] = dense["prefill_s"] / r["prefill_s"] if dense and r["attention"] != "dense" else None
         # the same ratios in CPU seconds: what holds when other work shares the machine

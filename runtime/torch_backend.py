@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeattn import patching
+from edgeattn import fused_ops, patching
 from edgeattn.config import AttentionConfig
 from edgeattn.runtime import kv_cache
 from edgeattn.runtime.session import SessionInfo
@@ -80,6 +80,11 @@ class TorchSession:
                 kernels=self._kernels,
                 chunk_index=self.index,
             )
+        # on our kernels the elementwise chain around attention runs fused too (edgeattn/fused_ops.py)
+        if self._kernels == "tvm" and not self._as_shipped and fused_ops.enabled():
+            fused_ops.patch(self.model)
+        else:
+            fused_ops.unpatch(self.model)
 
     def append(self, ids: Sequence[int]) -> np.ndarray:
         if not len(ids):
@@ -146,3 +151,4 @@ class TorchSession:
     def close(self) -> None:
         self.reset()
         patching.unpatch(self.model)
+        fused_ops.unpatch(self.model)
