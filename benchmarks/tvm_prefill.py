@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, header, median, set_threads, table, time_it, write_json  # noqa: E402
 
@@ -145,8 +147,8 @@ def main() -> None:
     p.add_argument("--lengths", default="512,4096", help="prompt lengths, comma-separated")
     p.add_argument("--rows", default=",".join(ROWS), help=f"which rows ({', '.join(ROWS)})")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=int, default=2048)
-    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--max-context", type=int, default=None, help="artifact context bound (default: max length)")
     p.add_argument("--no-gemm", action="store_true", help="skip the GEMM table")
     p.add_argument("--json", type=Path, default=None)
