@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from edgeattn.config import DEFAULT_CHUNK_SIZE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
 
 IMPLS = ("dense", "dhsa", "block-sparse")
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,16384,65536", help="comma list of sequence lengths")
-    p.add_argument("--budget", type=int, default=2048, help="DHSA token budget N_b")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="DHSA token budget N_b")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeattn.config import DEFAULT_CHUNK_SIZE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 try:  # shared helpers of the benchmarks folder, when present
@@ -265,7 +265,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2K,8K,16K", help="prompt lengths, e.g. 2K,8K,16K or 2048,8192")
     ap.add_argument("--model", default=None, help="model (default: the built-in Gemma 3 270M)")
-    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
     ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)

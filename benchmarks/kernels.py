@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from edgeattn.config import DEFAULT_CHUNK_SIZE  # noqa: E402
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE  # noqa: E402
 
 HQ, HKV, D = 4, 1, 256
 SINKS = 4
@@ -45,7 +45,7 @@ IMPLS = ("tvm-dhsa", "tvm-dense", "torch-sdpa", "ort-gqa")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,16384,32768,65536", help="comma-separated sequence lengths")
-    p.add_argument("--budget", type=int, default=2048, help="DHSA token budget N_b")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="DHSA token budget N_b")
     p.add_argument(
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DHSA chunk length (default: the operator's)"
     )

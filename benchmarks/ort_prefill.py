@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeattn.config import DEFAULT_CHUNK_SIZE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt, header, table, write_json  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4K,16K", help="prompt lengths, e.g. 4K,16K")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=int, default=2048, help="DHSA budget N_b")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="DHSA budget N_b")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--rows", default="all", help="comma list of row numbers (0-based) of ROWS, or all")
     p.add_argument("--rss-cap-gib", type=float, default=10.0, help="kill a child whose RSS passes this")

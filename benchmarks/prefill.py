@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeattn.config import DEFAULT_CHUNK_SIZE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, header, set_threads, table, write_json  # noqa: E402
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="4K,8K,16K,32K", help="prompt lengths (K = 1024)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=int, default=2048, help="DHSA budget N_b")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="DHSA budget N_b")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DHSA chunk length")
     p.add_argument("--new-tokens", type=int, default=4, help="greedy tokens after the prefill (decode is timed too)")
     p.add_argument("--json", metavar="PATH", help="write the records here")
