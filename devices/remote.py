@@ -24,11 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeattn.runtime.artifact_format import ARTIFACT_FORMAT, ARTIFACT_VERSION, LIBRARY, MANIFEST
 from edgeattn.runtime.tvm_backend import (
-    ARTIFACT_FORMAT,
-    ARTIFACT_VERSION,
-    LIBRARY,
-    MANIFEST,
     LoadedArtifact,
     TvmSession,
     load_params,

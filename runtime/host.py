@@ -166,7 +166,7 @@ def artifact_folder(model: str | None) -> Path | None:
     """The compiled TVM artifact folder a MODEL argument names (`edgeattn compile` writes them), if it names one."""
     if model is None:
         return None
-    from edgeattn.runtime.tvm_backend import MANIFEST
+    from edgeattn.runtime.artifact_format import MANIFEST
 
     path = Path(str(model))
     return path if path.is_dir() and (path / MANIFEST).is_file() and not (path / "config.json").is_file() else None

@@ -22,14 +22,8 @@ import numpy as np
 
 from edgeattn.errors import EdgeAttnError
 from edgeattn.export.manifest import sha256_file
+from edgeattn.runtime.artifact_format import ARTIFACT_FORMAT, ARTIFACT_VERSION, LIBRARY, MANIFEST, PARAMS
 from edgeattn.runtime.session import SessionInfo
-
-# Same names as tvm_compile (which imports the compiler; this module must not).
-ARTIFACT_FORMAT = "edgeattn-tvm-artifact"
-ARTIFACT_VERSION = 1
-MANIFEST = "manifest.json"
-LIBRARY = "model.so"
-PARAMS = "params.bin"
 
 
 class ArtifactError(EdgeAttnError):

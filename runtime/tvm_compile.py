@@ -38,12 +38,8 @@ import numpy as np
 from edgeattn.atomic import staged_dir
 from edgeattn.errors import EdgeAttnError
 from edgeattn.export.manifest import sha256_file
+from edgeattn.runtime.artifact_format import ARTIFACT_FORMAT, ARTIFACT_VERSION, LIBRARY, MANIFEST, PARAMS
 
-ARTIFACT_FORMAT = "edgeattn-tvm-artifact"
-ARTIFACT_VERSION = 1
-MANIFEST = "manifest.json"
-LIBRARY = "model.so"
-PARAMS = "params.bin"
 ALIGN = 64
 DEFAULT_MAX_CONTEXT = 8192
 # Bump when the import or the pipeline changes what an artifact computes (part of the cache key).
