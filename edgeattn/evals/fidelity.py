@@ -83,7 +83,8 @@ def _forward(loaded: Any, ids: list[int], mode: Mode, fn: Any, kernels: str, cap
     patching.patch(model, mode.cfg, "global", fn, kernels=kernels)
     try:
         with torch.inference_mode():
-            model.model(input_ids=warm, use_cache=False)  # untimed: kernel compilation / loading
+            if kernels == "tvm":
+                model.model(input_ids=warm, use_cache=False)  # untimed: kernel compilation / loading
             if capture:
                 with patching.capture_attention(model, capture) as calls:
                     t0 = time.perf_counter()
