@@ -298,7 +298,7 @@ _register_external(
     "devices", "edgeattn.devices.cli", "devices_app", "the devices issue (RPC, tracker, Android, Pi, Jetson)"
 )
 _register_external("serve", "edgeattn.devices.cli", "serve_command", "the devices issue (device agent)")
-app.command("bench")(_not_built("bench", "the benchmark issue (DHSA vs dense vs llama.cpp on a device)"))
+_register_external("bench", "edgeattn.bench.cli", "bench_command", "the benchmark issue (DHSA vs dense vs peers)")
 _register_external("eval", "edgeattn.evals.cli", "eval_app", "the accuracy evaluation issue")
 
 
