@@ -13,13 +13,16 @@ reference / SDPA) it measures:
   target is DHSA tok/s / dense tok/s >= 0.85 x (dense bytes / DHSA bytes);
 * **attention only**, on one global layer's real cached K/V: dense decode attention vs a DHSA
   step (index update for one token + selection + sparse attention); target >= 8x at 32K.
-  For ``tvm`` also the alternative the index could feed: gather the kept keys and run the dense
-  decode kernel on them (``gather+dense``), to show which is faster;
+  For ``tvm`` the attention part of that step (the sparse decode kernel reading the kept chunk
+  ranges in place) beside the alternative the index could feed: gather the kept keys and run
+  the dense decode kernel on them (``gather+dense``), to show which is faster;
 * the **index share**: index update + selection time as a share of the DHSA step (target <= 10 %).
 
     nice -n 5 python benchmarks/decode.py --contexts 4K,16K,32K --json benchmarks/results/decode_4k_32k.json
 
-Figures are ratios measured side by side in one process; the machine is named in the header.
+Figures are ratios measured side by side in one process, dense and DHSA steps interleaved (the
+machine is shared); the machine is named in the header.  The torch backend's sessions keep K/V
+in runtime/kv_cache.py's in-place layers, so no step pays transformers' whole-cache torch.cat.
 The ort and tvm backends have no index yet (their exported decode re-chunks), so no rows here.
 """
 
@@ -39,6 +42,7 @@ from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, set_threads, table, time_it, write_json  # noqa: E402
+from prefill import parse_lengths  # noqa: E402
 
 COLUMNS = [
     ("context", "context"),
@@ -54,17 +58,9 @@ COLUMNS = [
     ("attn_dense_ms", "attn dense ms"),
     ("attn_dhsa_ms", "attn DHSA ms"),
     ("attn_ratio", "attn dense/DHSA"),
-    ("attn_gather_ms", "attn gather+dense ms"),
+    ("attn_sparse_ms", "of which sparse kernel ms"),
+    ("attn_gather_ms", "gather+dense kernel ms"),
 ]
-
-
-def parse_contexts(spec: str) -> list[int]:
-    out = []
-    for part in spec.split(","):
-        part = part.strip().upper()
-        if part:
-            out.append(int(part[:-1]) * 1024 if part.endswith("K") else int(part))
-    return out
 
 
 def weight_bytes(model: Any) -> int:
@@ -109,19 +105,20 @@ def session_on(loaded: Any, cfg: Any, kernels: str, cache: Any, context: int) ->
     return s
 
 
-def decode_steps(s: Any, first: int, steps: int, warmup: int) -> tuple[list[float], float]:
-    """Per-step wall times of ``steps`` greedy steps after ``warmup``; and the index share of them."""
-    tok = first
-    times = []
+def decode_steps(sessions: dict[str, Any], first: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Per-step wall times of ``steps`` greedy steps (after ``warmup``) of each session, interleaved
+    step by step, so that every row sees the same load on a shared machine."""
+    tokens = dict.fromkeys(sessions, first)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
     for i in range(warmup + steps):
-        if i == warmup and s.index is not None:
-            s.index.update_s = s.index.attend_s = 0.0
-        t0 = time.perf_counter()
-        tok = int(s.append([tok]).argmax())
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    share = s.index.update_s / sum(times) if s.index is not None else None
-    return times, share
+        for name, s in sessions.items():
+            if i == warmup and s.index is not None:
+                s.index.update_s = s.index.attend_s = 0.0
+            t0 = time.perf_counter()
+            tokens[name] = int(s.append([tokens[name]]).argmax())
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def kept_kv_bytes(s: Any, cfg: Any, config: Any, elem: int) -> tuple[int, int]:
@@ -141,14 +138,13 @@ def kept_kv_bytes(s: Any, cfg: Any, config: Any, elem: int) -> tuple[int, int]:
     return total, kept_max
 
 
-def attention_only(cache: Any, layer: int, cfg: Any, kernels: str, reps: int) -> dict[str, float]:
-    """One global layer's decode attention on its real cached K/V: dense vs DHSA (update + select + attend)."""
+def attention_only(k: torch.Tensor, v: torch.Tensor, cfg: Any, kernels: str, reps: int) -> dict[str, float]:
+    """One layer's decode attention on cached K/V [1, Hkv, L, D]: dense vs DHSA (update + select + attend)."""
     from edgeattn import chunk_index as ci
     from edgeattn import dhsa
     from edgeattn.config import AttentionConfig
     from edgeattn.kernels_tvm import registry
 
-    k, v = cache.layers[layer].keys, cache.layers[layer].values  # [1, Hkv, L, D]
     _, hkv, length, d = k.shape
     hq = 4 * hkv
     g = torch.Generator().manual_seed(0)
@@ -158,18 +154,20 @@ def attention_only(cache: Any, layer: int, cfg: Any, kernels: str, reps: int) ->
         dense_fn = lambda: registry.run_layer(q, k, v, AttentionConfig(kind="dense"), scaling=scale)  # noqa: E731
     else:
         dense_fn = lambda: dhsa.dense_attention(q, k, v, scale)  # noqa: E731
-    dense_s = statistics.median(time_it(dense_fn, reps, warmup=2))
-    # DHSA: the index holds L - reps - 2 keys; each timed call appends one key, selects, attends
+    # DHSA: the index holds L - reps - 3 keys; each timed call appends one key, selects, attends.
+    # Dense and DHSA calls alternate, so both see the same load.
     base = length - reps - 3
     idx = ci.ChunkIndex.build(k[:, :, :base], ci.FixedRule(cfg.chunk_size))
-    times, gather = [], []
+    dense_times, times, attend, gather = [], [], [], []
     for i in range(reps + 2):
         n = base + i + 1
         kn, vn = k[:, :, :n], v[:, :, :n]
+        dense_t = time_it(dense_fn)[0]
         t0 = time.perf_counter()
         with ci.one_torch_thread():  # as IndexState.attend runs it
             idx.append(kn)
             sel = idx.select(q, cfg)
+            ta = time.perf_counter()
             if kernels == "tvm":
                 ci.attend_tvm(q, kn, vn, idx, sel, cfg, scale)
             else:
@@ -185,13 +183,41 @@ def attention_only(cache: Any, layer: int, cfg: Any, kernels: str, reps: int) ->
                 gather.append(t2 - t1)
         if i >= 2:
             times.append(t1 - t0)
+            attend.append(t1 - ta)
+            dense_times.append(dense_t)
+    dense_s = statistics.median(dense_times)
     dhsa_s = statistics.median(times)
     return {
         "attn_dense_ms": dense_s * 1e3,
         "attn_dhsa_ms": dhsa_s * 1e3,
         "attn_ratio": dense_s / dhsa_s,
-        "attn_gather_ms": statistics.median(gather) * 1e3 if gather else None,
+        "attn_sparse_ms": statistics.median(attend) * 1e3,  # the attention part of the DHSA call
+        "attn_gather_ms": statistics.median(gather) * 1e3 if gather else None,  # its alternative
     }
+
+
+def synthetic(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The attention-only rows on random keys (with a shared component, as real keys have)."""
+    from edgeattn.config import AttentionConfig
+
+    cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=args.chunk_size)
+    print(header(f"Decode attention, synthetic K/V: dense vs DHSA (budget {args.budget})", args.threads))
+    records = []
+    g = torch.Generator().manual_seed(0)
+    for context in parse_lengths(args.contexts):
+        k = torch.randn(1, 1, context, 256, generator=g) + torch.randn(256, generator=g)
+        v = torch.randn(1, 1, context, 256, generator=g)
+        for kernels in [x.strip() for x in args.kernels.split(",") if x.strip()]:
+            rec = {"context": context, "kernels": kernels, "kv": "synthetic"}
+            rec.update(attention_only(k, v, cfg, kernels, args.attn_reps))
+            records.append(rec)
+            print(table([rec], [c for c in COLUMNS if c[0] in rec]), flush=True)
+    if args.json:
+        meta = {"threads": args.threads, "budget": args.budget, "chunk_size": args.chunk_size, "kv": "synthetic"}
+        meta["command"] = "benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_json(args.json, records, meta)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,12 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-reps", type=int, default=20, help="timed attention-only calls")
     ap.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per prefill call building the cache")
     ap.add_argument("--json", type=Path, default=None, help="write the records here (atomically)")
+    ap.add_argument(
+        "--synthetic-kv",
+        action="store_true",
+        help="attention only, on random K/V of Gemma 3 270M's shape (1 KV head, D 256): seconds, no model",
+    )
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    if args.synthetic_kv:
+        return synthetic(args, argv)
     from edgeattn import models, text
     from edgeattn.config import AttentionConfig
 
-    contexts = parse_contexts(args.contexts)
+    contexts = parse_lengths(args.contexts)
     kernel_list = [x.strip() for x in args.kernels.split(",") if x.strip()]
     loaded = models.load()
     config = loaded.model.config
@@ -226,19 +259,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"weights {wbytes / 1e6:.0f} MB ({next(loaded.model.parameters()).dtype}); global layers {gl}")
     records: list[dict[str, Any]] = []
+    meta = {
+        "threads": args.threads,
+        "model": loaded.name,
+        "budget": args.budget,
+        "chunk_size": args.chunk_size,
+        "weights_bytes": wbytes,
+        "command": "benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     for context in contexts:
         ids = text.token_ids(loaded.tokenizer, context)
         t0 = time.perf_counter()
         cache, first = prefill_cache(loaded, ids, args.prefill_chunk)
         print(f"[{context}] cache built by dense prefill in {time.perf_counter() - t0:.0f} s", flush=True)
         for kernels in kernel_list:
-            dense_s = session_on(loaded, dense_cfg, kernels, cache, context)
-            dense_t, _ = decode_steps(dense_s, first, args.steps, warmup=2)
-            dense_s.close()
-            dhsa_s = session_on(loaded, dhsa_cfg, kernels, cache, context)
-            dhsa_t, share = decode_steps(dhsa_s, first, args.steps, warmup=2)
-            sparse_kv, kept = kept_kv_bytes(dhsa_s, dhsa_cfg, config, elem)
-            dhsa_s.close()
+            rows = {
+                "dense": session_on(loaded, dense_cfg, kernels, cache, context),
+                "dhsa": session_on(loaded, dhsa_cfg, kernels, cache, context),
+            }
+            times = decode_steps(rows, first, args.steps, warmup=2)
+            dense_t, dhsa_t = times["dense"], times["dhsa"]
+            share = rows["dhsa"].index.update_s / sum(dhsa_t)
+            sparse_kv, kept = kept_kv_bytes(rows["dhsa"], dhsa_cfg, config, elem)
+            for s in rows.values():
+                s.close()
             global_kv, sliding_kv = kv_bytes(config, gl, context, elem)
             dense_bytes = wbytes + sliding_kv + global_kv
             dhsa_bytes = wbytes + sliding_kv + sparse_kv
@@ -258,27 +302,22 @@ def main(argv: list[str] | None = None) -> int:
                 "dhsa_step_s": dhsa_t,
             }
             rec["of_target"] = rec["speedup"] / (0.85 * rec["bytes_ratio"])
-            rec.update(attention_only(cache, gl[0], dhsa_cfg, kernels, args.attn_reps))
+            layer = cache.layers[gl[0]]
+            rec.update(attention_only(layer.keys, layer.values, dhsa_cfg, kernels, args.attn_reps))
             records.append(rec)
             print(table([rec], COLUMNS), flush=True)
+            if args.json:  # after every row: a long run that is stopped keeps what it measured
+                write_json(args.json, sorted(records, key=lambda r: r["context"]), meta)
         del cache
     print()
-    print(table(records, COLUMNS))
+    print(table(sorted(records, key=lambda r: r["context"]), COLUMNS))
     print(
         "\nstep ms: median whole-model decode step; bytes: weights + K/V entries read (DHSA: kept keys + index k̄);"
         "\nof_target >= 1 means DHSA/dense tok/s reaches 0.85x the bytes ratio; attn: one global layer, index"
         "\nupdate + selection + attention for DHSA; index+select share: of the DHSA step (all sparse layers)."
     )
     if args.json:
-        meta = {
-            "threads": args.threads,
-            "model": loaded.name,
-            "budget": args.budget,
-            "chunk_size": args.chunk_size,
-            "weights_bytes": wbytes,
-            "command": "benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        }
-        write_json(args.json, records, meta)
+        write_json(args.json, sorted(records, key=lambda r: r["context"]), meta)
         print(f"wrote {args.json}")
     return 0
 

@@ -585,21 +585,8 @@ class IndexState:
     def check_matches(self, signature: dict[str, Any]) -> None:
         check_signature(self.signature, signature)
 
+    @one_torch_thread()
     def attend(
-        self,
-        layer: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        scaling: float | None,
-        softcap: float | None,
-        window: int | None,
-        kernels: str,
-    ) -> torch.Tensor | None:
-        with one_torch_thread():
-            return self._attend(layer, query, key, value, scaling, softcap, window, kernels)
-
-    def _attend(
         self,
         layer: int,
         query: torch.Tensor,

@@ -120,16 +120,16 @@ def _greedy(session: TorchSession, ids: list[int], steps: int) -> tuple[list[int
 def test_tiny_model_index_decode(kernels: str) -> None:
     """Budget >= context: equals dense.  Budget < context: the index gives what re-chunking gives."""
     loaded = _tiny_loaded()
-    ids = [int(x) for x in np.random.RandomState(0).randint(4, 512, 120)]
-    dense = _greedy(TorchSession(loaded, AttentionConfig(kind="dense"), kernels=kernels), ids, 32)
+    ids = [int(x) for x in np.random.RandomState(0).randint(4, 512, 100)]
+    dense = _greedy(TorchSession(loaded, AttentionConfig(kind="dense"), kernels=kernels), ids, 24)
     full = TorchSession(loaded, AttentionConfig(kind="dhsa", budget=1024), kernels=kernels)
-    tokens, logits = _greedy(full, ids, 32)
+    tokens, logits = _greedy(full, ids, 24)
     assert tokens == dense[0]
     assert np.abs(logits - dense[1]).max() <= 1e-4 * np.abs(dense[1]).max()
     sparse = AttentionConfig(kind="dhsa", budget=64, chunk_size=16)
     on_index = TorchSession(loaded, sparse, kernels=kernels)
-    a = _greedy(on_index, ids, 32)
-    b = _greedy(TorchSession(loaded, sparse, kernels=kernels, incremental=False), ids, 32)
+    a = _greedy(on_index, ids, 24)
+    b = _greedy(TorchSession(loaded, sparse, kernels=kernels, incremental=False), ids, 24)
     assert a[0] == b[0]
     np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-4 * np.abs(b[1]).max())
     assert np.abs(a[1] - dense[1]).max() > 1e-3  # budget 64 of ~200 keys really prunes
@@ -200,3 +200,21 @@ def test_real_model_full_budget_decode_equals_dense(real_model, prompt: int, ste
     assert tokens == dense[0]
     rel = np.abs(logits - dense[1]).max(axis=1) / np.abs(dense[1]).max(axis=1)
     assert rel.max() <= 1e-4, rel.max()
+
+
+def test_decode_benchmark_attention_rows_run(tmp_path: Path) -> None:
+    """benchmarks/decode.py's attention-only rows (synthetic K/V), end to end, land in its JSON."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "d.json"
+    cmd = [sys.executable, "benchmarks/decode.py", "--synthetic-kv", "--contexts", "3000", "--attn-reps", "2"]
+    done = subprocess.run([*cmd, "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads(out.read_text())["records"]
+    assert [r["kernels"] for r in records] == ["tvm", "reference"]
+    for r in records:
+        assert r["attn_dense_ms"] > 0 and r["attn_dhsa_ms"] > 0 and r["attn_ratio"] > 0
+    assert records[0]["attn_gather_ms"] > 0 and records[0]["attn_sparse_ms"] <= records[0]["attn_dhsa_ms"]
