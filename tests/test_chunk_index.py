@@ -78,16 +78,25 @@ def test_multi_token_appends_equal_single_token_appends() -> None:
     assert a.bounds == b.bounds
 
 
-@pytest.mark.parametrize("length", [640, 650, 656])
-@pytest.mark.parametrize("local", [0, 40])
-def test_index_selection_and_attention_equal_reference(length: int, local: int) -> None:
+@pytest.mark.parametrize(
+    ("length", "local", "kind"),
+    [
+        (640, 0, "dhsa"),
+        (650, 0, "dhsa"),
+        (656, 0, "dhsa"),
+        (650, 40, "dhsa"),
+        (656, 40, "dhsa"),
+        (650, 0, "block-sparse"),
+    ],
+)
+def test_index_selection_and_attention_equal_reference(length: int, local: int, kind: str) -> None:
     """Fixed chunks: the index's decode selection is the reference's select_chunks, and attention matches."""
-    cfg = AttentionConfig(kind="dhsa", budget=160, chunk_size=16, sinks=4, local=local)
+    cfg = AttentionConfig(kind=kind, budget=160, chunk_size=16, sinks=4, local=local)  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(length)
     k = _segment_keys(length) + 1.5  # a shared key component: the centring term matters
     v = torch.randn(k.shape, generator=g)
     q = torch.randn(1, 4, 1, 16, generator=g)
-    idx = ci.ChunkIndex.build(k[:, :, :300], ci.FixedRule(16))
+    idx = ci.ChunkIndex.build(k[:, :, :300], ci.FixedRule(16), normalize=kind == "dhsa")
     for n in range(301, length + 1):
         idx.append(k[:, :, :n])
     sel = idx.select(q, cfg)
