@@ -79,7 +79,7 @@ def _rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
     width = x.shape[-1]
     # q/k arrive as [B, H, L, D] views of the projection's [B, L, H, D]: normalise that storage
     storage = x.transpose(1, 2) if x.dim() == 4 and not x.is_contiguous() else x
-    weight = module.weight
+    weight = module.edgeattn_weight  # an aligned copy: loaded weights are slices of one buffer, rarely 64-byte aligned
     if not _fits(storage, weight) or x.requires_grad:
         return type(module).forward(module, x)
     target, lanes = _target()
@@ -156,6 +156,7 @@ def patch(model: Any) -> int:
             fused = _gelu_mul
         elif name.startswith("Gemma") and name.endswith("RMSNorm") and hasattr(module, "eps"):
             fused = _rms_norm
+            module.edgeattn_weight = module.weight.detach().float().clone()  # torch's allocator aligns to 64
         else:
             continue
         module.forward = types.MethodType(fused, module)
@@ -182,6 +183,7 @@ def unpatch(model: Any) -> None:
     for module in model.modules():
         if vars(module).pop(_MARK, False):
             del module.forward
+            vars(module).pop("edgeattn_weight", None)
     _patched_models.discard(model)
     if not _patched_models:
         for host, original in _original_rope.items():

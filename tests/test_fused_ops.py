@@ -92,3 +92,28 @@ def test_rope_stays_transformers_own_outside_a_patched_model() -> None:
         back = patched(input_ids=ids).logits
     assert torch.equal(beside, ref)
     assert _rel(got, back) < 1e-5
+
+
+def test_weights_sliced_from_one_buffer_still_take_the_fused_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded checkpoints hold weights as slices of one buffer, rarely 64-byte aligned: the norms must not fall back."""
+    from edgeattn.kernels_tvm import elementwise
+
+    model = tiny_model("gemma3")
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            w = module.weight.detach()
+            module.weight = torch.nn.Parameter(torch.cat([torch.zeros(1), w])[1:])  # 4 bytes off alignment
+    used: list[str] = []
+    kernel = elementwise.kernel
+    monkeypatch.setattr(elementwise, "kernel", lambda name, *a, **k: used.append(name) or kernel(name, *a, **k))
+    ids = torch.randint(0, 500, (1, 21), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        fused_ops.patch(model)
+        try:
+            got = model(input_ids=ids).logits
+        finally:
+            fused_ops.unpatch(model)
+    layers = model.config.num_hidden_layers
+    assert used.count("rms_norm") == 6 * layers + 1 and used.count("rope") == 2 * layers
+    assert _rel(got, ref) < 1e-5
