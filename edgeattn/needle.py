@@ -69,7 +69,9 @@ def needle_in_selection(
     """For prefill q [1,Hq,Lq,D], k [1,Hkv,L,D] (q the last Lq positions: a whole prefill, or the
     continuation of a cached prefix): the needle chunk, its rank among the candidates of the
     last query chunk by selection score and by dense attention mass (1 = first), whether ``cfg``'s
-    selection keeps it (in every KV head), and the selection itself (``keep``)."""
+    selection keeps it (in every KV head), and the selection itself (``keep``).  A fact inside the
+    last query chunk (possible with adaptive chunks at depth ~1) is reported as that chunk with
+    ranks 0: the own chunk is always kept."""
     length, q_len = k.shape[2], q.shape[2]
     qb = dhsa.query_boundaries(boundaries, q_len, length)
     scores = dhsa.chunk_scores(q, k, qb, boundaries, normalize=cfg.kind == "dhsa")
@@ -85,7 +87,9 @@ def needle_in_selection(
     kc = dhsa.chunk_of_token(boundaries, length)
     chunk_mass = torch.zeros(len(boundaries) - 1, dtype=probs.dtype).index_add_(0, kc, probs)[:last]
     row = scores[0, :, last_q, :last].mean(0)
-    candidates = sorted({int(kc[t]) for t in range(*span)})
+    candidates = sorted({int(kc[t]) for t in range(*span)} - {last})
+    if not candidates:  # the fact lies in the last query chunk itself (an adaptive chunk at depth ~1): always kept
+        return {"needle_chunk": last, "candidates": last, "rank_score": 0, "rank_mass": 0, "kept": True, "keep": keep}
     needle = max(candidates, key=lambda x: float(chunk_mass[x]))
     return {
         "needle_chunk": needle,

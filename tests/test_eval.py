@@ -66,6 +66,18 @@ def test_window_modes_keep_exactly_sinks_and_a_recent_band(name: str, sinks: int
     assert int(mask.sum(-1).max()) <= budget
 
 
+def test_needle_in_the_last_query_chunk_is_kept_with_rank_zero() -> None:
+    from edgeattn import needle
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 200, 32, generator=gen), torch.randn(1, 1, 200, 32, generator=gen)
+    bnd = torch.tensor([0, 40, 90, 140, 200])
+    r = needle.needle_in_selection(q, k, 0.2, bnd, make_mode("dhsa-shift", 124, min_chunk=8).cfg, (150, 155))
+    assert (r["needle_chunk"], r["rank_score"], r["rank_mass"], r["kept"]) == (3, 0, 0, True)
+    r = needle.needle_in_selection(q, k, 0.2, bnd, make_mode("dhsa-shift", 124, min_chunk=8).cfg, (50, 55))
+    assert r["needle_chunk"] == 1 and r["rank_score"] >= 1 and r["rank_mass"] >= 1
+
+
 def test_modes_refuse_unknown_names() -> None:
     assert [m.name for m in parse_modes("dense,dhsa,dhsa-shift,block-sparse,window", 2048)] == [
         "dense", "dhsa", "dhsa-shift", "block-sparse", "window",
