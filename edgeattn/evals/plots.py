@@ -55,8 +55,7 @@ def retrieval_heatmaps(report: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(
         1, max(1, len(modes)), figsize=(2.2 * max(1, len(modes)) + 1, height), squeeze=False, sharey=True
     )
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("#d0d0d0")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#d0d0d0")
     for ax, mode in zip(axes[0], modes, strict=False):
         grid = np.full((len(lengths), len(depths)), np.nan)
         for c in cells:
