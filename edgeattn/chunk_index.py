@@ -597,6 +597,10 @@ class IndexState:
         window: int | None,
         kernels: str,
     ) -> torch.Tensor | None:
+        if window is not None:
+            # a sliding layer's cache keeps only its last `window` keys, so an index over every token
+            # since 0 cannot describe it: such layers (DHSA on --layers all) select over the cache as before
+            return None
         t0 = time.perf_counter()
         q_len, k_len = query.shape[2], key.shape[2]
         idx = self.layers.get(layer)

@@ -185,6 +185,9 @@ print("ran", len(outs), "outputs on", platform.machine())
 """
 
 
+# slow: the runtime-only bundle load is tested on the host in CI (tests/test_kernels_prebuilt.py), and the
+# same kernels run on the emulated device over RPC above
+@pytest.mark.slow
 def test_bundle_runs_with_the_runtime_only_on_the_emulated_device(tmp_path) -> None:
     """Cross-compiled here, loaded on aarch64 with TVM_USE_RUNTIME_LIB=1: the deployment path of a board."""
     import os

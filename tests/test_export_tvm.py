@@ -27,7 +27,8 @@ TWO_LAYERS = {
 
 @pytest.mark.parametrize(
     "family, kind",
-    [("gemma3", "dense"), ("gemma3", "dhsa"), ("gemma2", "dhsa")],  # gemma2: softcapping inside the op
+    # gemma2: softcapping inside the op; gemma3 DHSA differs from it only outside the op (slow)
+    [("gemma3", "dense"), pytest.param("gemma3", "dhsa", marks=pytest.mark.slow), ("gemma2", "dhsa")],
 )
 def test_tvm_import_matches_onnxruntime(tmp_path, family, kind):
     cfg = AttentionConfig(kind=kind, budget=12, chunk_size=4, sinks=2)

@@ -140,6 +140,9 @@ def test_unknown_knob_or_unbuildable_schedule_is_an_error(records) -> None:
         cpu.schedule_for(SPEC, host())
 
 
+# slow: compiles and times a dozen candidates; the tuner's check-and-time path runs in CI on the emulated
+# device (tests/test_emulated_arm64.py), and the record logic above needs no tuning run
+@pytest.mark.slow
 def test_short_real_tuning_run_writes_a_valid_file_atomically(records, monkeypatch) -> None:
     monkeypatch.setenv("TVM_NUM_THREADS", "2")  # main() sets it; restored afterwards
     out = records / "x86-host.json"

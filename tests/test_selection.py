@@ -220,6 +220,8 @@ def _needle_prompt(model, depth: float, fact: str):
     return needle.build_prompt(model.tokenizer, body, 2048, depth, fact)
 
 
+# slow: tests/test_eval.py runs the same retrieval (dense and DHSA answer a needle at 1K) through `edgeattn eval`
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_default_selection_answers_with_the_fact(real_model) -> None:
     """2K tokens of held-out prose, budget L/8, the defaults on the global layers: the greedy
