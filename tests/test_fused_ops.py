@@ -15,6 +15,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def _logits_before_and_patched(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits as it is, then with the fused ops (unpatched again afterwards)."""
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        fused_ops.patch(model)
+        try:
+            return ref, model(input_ids=ids).logits
+        finally:
+            fused_ops.unpatch(model)
+
+
 @pytest.mark.parametrize("width", [37, 64])  # 37: the vector tail
 def test_kernels_match_the_torch_ops(width: int) -> None:
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, apply_rotary_pos_emb
@@ -67,13 +78,7 @@ def test_patched_model_gives_the_same_logits_and_unpatch_restores_it(family: str
 def test_other_dtypes_fall_through_to_transformers() -> None:
     model = tiny_model("gemma3").to(torch.bfloat16)
     ids = torch.randint(0, 500, (1, 19), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        ref = model(input_ids=ids).logits
-        fused_ops.patch(model)
-        try:
-            got = model(input_ids=ids).logits
-        finally:
-            fused_ops.unpatch(model)
+    ref, got = _logits_before_and_patched(model, ids)
     assert torch.equal(got, ref)
 
 
@@ -107,13 +112,7 @@ def test_weights_sliced_from_one_buffer_still_take_the_fused_path(monkeypatch: p
     kernel = elementwise.kernel
     monkeypatch.setattr(elementwise, "kernel", lambda name, *a, **k: used.append(name) or kernel(name, *a, **k))
     ids = torch.randint(0, 500, (1, 21), generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode():
-        ref = model(input_ids=ids).logits
-        fused_ops.patch(model)
-        try:
-            got = model(input_ids=ids).logits
-        finally:
-            fused_ops.unpatch(model)
+    ref, got = _logits_before_and_patched(model, ids)
     layers = model.config.num_hidden_layers
     assert used.count("rms_norm") == 6 * layers + 1 and used.count("rope") == 2 * layers
     assert _rel(got, ref) < 1e-5
