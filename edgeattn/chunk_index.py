@@ -342,11 +342,13 @@ class ChunkIndex:
 
     # ---------------------------------------------------------- selection
 
-    def select(self, q: torch.Tensor, cfg: AttentionConfig) -> Selection:
+    def select(self, q: torch.Tensor, cfg: AttentionConfig, keys: torch.Tensor | None = None) -> Selection:
         """The chunks the last query keeps: q [B, Hq, 1, D] at position L - 1 (its key already indexed).
 
         The same greedy prefix rule as :func:`edgeattn.dhsa.select_chunks` on the index's chunks;
-        cost O(n·D) for n closed chunks.
+        cost O(n·D) for n closed chunks.  With an observation window (``cfg.observe``) the step's
+        query is its window, as in :func:`edgeattn.dhsa.vertical_chunks`: that needs the cached
+        ``keys`` [B, Hkv, >= L, D] and costs the q·K pass of dense attention, O(L·D).
         """
         b, hkv, d = self.shape
         length = self.length
@@ -357,7 +359,6 @@ class ChunkIndex:
         own_len = length - own_start
         hq = q.shape[1]
         qbar = q[:, :, -1].float().reshape(b, hkv, hq // hkv, d).mean(2)  # [B, H, D]; one query: pooled = itself
-        lens = self._lens[:own]
         scores = (self._kbar[:, :, :own] @ qbar[..., None])[..., 0]
         if self.normalize:
             mu_dot = (qbar * self._csum[:, :, own]).sum(-1) / max(own_start, 1)
@@ -365,21 +366,43 @@ class ChunkIndex:
         if cfg.local > 0:
             ends = self._b32[1 : own + 1]
             scores.masked_fill_((ends > own_start - cfg.local)[None, None, :], float("inf"))
-        sinks = cfg.sinks
-        charge = lens
-        j = 0
-        while j < own and self.bounds[j] < sinks:  # chunks reaching into the sinks pay for their other tokens
-            if j == 0:
-                charge = lens.clone()
-            charge[j] -= min(self.bounds[j + 1], sinks) - self.bounds[j]
-            j += 1
-        remaining = cfg.budget - own_len - min(own_start, sinks)
+        charge = self._charge(own, cfg.sinks)
+        if cfg.vertical_tokens and own > 0:
+            if keys is None:
+                raise ValueError("an observation window (observe > 0) needs the cached keys to select")
+            scores.masked_fill_(self._vertical(q, keys, own, charge, cfg.vertical_tokens), float("inf"))
+        remaining = cfg.budget - own_len - min(own_start, cfg.sinks)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
         fits = charge[order].cumsum(-1) <= remaining
         keep = torch.empty(b, hkv, own + 1, dtype=torch.bool)
         keep[:, :, :own].scatter_(-1, order, fits)  # order is a permutation: every entry is written
         keep[:, :, own] = True
         return Selection(keep=keep, own=own, own_start=own_start, length=length)
+
+    def _charge(self, own: int, sinks: int) -> torch.Tensor:
+        """Tokens each chunk before ``own`` costs the budget: its length minus its overlap with the sinks."""
+        charge = self._lens[:own]
+        j = 0
+        while j < own and self.bounds[j] < sinks:  # chunks reaching into the sinks pay for their other tokens
+            if j == 0:
+                charge = charge.clone()
+            charge[j] -= min(self.bounds[j + 1], sinks) - self.bounds[j]
+            j += 1
+        return charge
+
+    def _vertical(
+        self, q: torch.Tensor, keys: torch.Tensor, own: int, charge: torch.Tensor, tokens: int
+    ) -> torch.Tensor:
+        """The step's vertical chunks among the ``own`` chunks before its own (bool [B, Hkv, own])."""
+        b, hkv, d = self.shape
+        end = self.bounds[own]
+        qg = q[:, :, -1].float().reshape(b, hkv, -1, d)  # the group's query heads
+        best = (qg @ keys[:, :, :end].float().transpose(-1, -2)).amax(2)  # [B, H, end]
+        chunk_of = torch.repeat_interleave(torch.arange(own), self._lens[:own].long()).expand(b, hkv, end)
+        score = torch.full((b, hkv, own), float("-inf")).scatter_reduce(-1, chunk_of, best, "amax")
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+        fits = charge[order].cumsum(-1) <= tokens
+        return torch.zeros_like(fits).scatter(-1, order, fits)
 
     def kernel_boundaries(self) -> torch.Tensor:
         """int32 boundaries [Nc + 1] of every chunk (open one included) for the TVM kernels: a view."""
@@ -621,7 +644,7 @@ class IndexState:
         if q_len != 1:
             self.update_s += time.perf_counter() - t0
             return None
-        sel = idx.select(query, self.cfg)
+        sel = idx.select(query, self.cfg, key)
         t1 = time.perf_counter()
         self.update_s += t1 - t0
         scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling

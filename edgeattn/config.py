@@ -25,6 +25,12 @@ DEFAULT_SINKS = 4
 DEFAULT_MIN_CHUNK = 8
 DEFAULT_MAX_CHUNK = 64
 DEFAULT_LOCAL = 0  # DHSA's local band (AttentionConfig.local); see edgeattn/dhsa.py
+DEFAULT_OBSERVE = 16  # DHSA's observation window (AttentionConfig.observe): the last queries of a call; 0: off
+DEFAULT_VERTICAL = 0  # tokens of the budget the observation window's chunks may take; 0: half the budget
+OBSERVE_HELP = (
+    "DHSA observation window: the last N queries of each call score every key exactly, and the chunks they "
+    "single out (up to half the budget) are kept for every query. 0: the paper's selection (chunk means only)."
+)
 
 # Option defaults shared by every verb (run, export, compile, bench, eval): each
 # CLI option reads its default from here, so `run` and `export` cannot drift apart.
@@ -71,6 +77,8 @@ class AttentionConfig:
     min_chunk: int = DEFAULT_MIN_CHUNK
     max_chunk: int = DEFAULT_MAX_CHUNK
     local: int = DEFAULT_LOCAL  # band of recent keys (tokens before the own chunk) always kept; 0: off
+    observe: int = DEFAULT_OBSERVE  # last queries of a call whose exact scores pick "vertical" chunks; 0: off
+    vertical: int = DEFAULT_VERTICAL  # tokens those vertical chunks may take of the budget; 0: budget // 2
 
     def __post_init__(self) -> None:
         if self.kind not in ATTENTION_KINDS:
@@ -83,6 +91,13 @@ class AttentionConfig:
             raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
         if self.local < 0:
             raise ConfigError(f"local band must be >= 0 tokens, got {self.local}")
+        if self.observe < 0 or self.vertical < 0:
+            raise ConfigError(f"observe and vertical must be >= 0 tokens, got {self.observe} and {self.vertical}")
+        if self.vertical > self.budget:
+            raise ConfigError(
+                f"vertical {self.vertical} exceeds the budget {self.budget}: the observation window's chunks are "
+                "part of the budget; pass a smaller vertical (0: half the budget)"
+            )
         if not 1 <= self.min_chunk <= self.max_chunk:
             raise ConfigError(
                 f"need 1 <= min_chunk <= max_chunk, got min_chunk={self.min_chunk}, max_chunk={self.max_chunk}"
@@ -101,6 +116,13 @@ class AttentionConfig:
         if self.kind == "dhsa" and self.chunking != "fixed":
             return self.max_chunk
         return self.chunk_size
+
+    @property
+    def vertical_tokens(self) -> int:
+        """Tokens of the budget the observation window's vertical chunks may take (0 when off)."""
+        if self.observe == 0 or self.kind != "dhsa":
+            return 0
+        return self.vertical or self.budget // 2
 
     def with_(self, **changes: Any) -> AttentionConfig:
         return replace(self, **changes)

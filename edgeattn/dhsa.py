@@ -26,6 +26,12 @@ that every backend shares:
   leaves attention unchanged; with fixed chunks the ranking is the same as
   without the term.  Block-sparse (plain means) needs no correction: there
   the term is a per-row constant.  See CHUNKING.md for what it changes.
+* **The last queries pick "vertical" chunks exactly** (``AttentionConfig.observe``, on by
+  default).  A chunk mean buries one salient key, and the keys a prompt's end asks for are
+  exactly those.  The call's last ``observe`` queries score every key (O(observe·L·D)), and the
+  chunks holding their largest q·k take up to ``vertical`` tokens of the budget in every query
+  chunk's selection (:func:`vertical_chunks`).  With fixed chunks this is what makes DHSA differ
+  from block-sparse, and what finds needles the chunk means lose (CHUNKING.md).
 
 Queries may be a suffix of the keys (decode with a KV cache): query ``i`` sits
 at absolute position ``k_len - q_len + i``.
@@ -144,7 +150,12 @@ def chunk_scores(
 
 
 def select_chunks(
-    scores: torch.Tensor, k_boundaries: torch.Tensor, budget: int, sinks: int, local: int = 0
+    scores: torch.Tensor,
+    k_boundaries: torch.Tensor,
+    budget: int,
+    sinks: int,
+    local: int = 0,
+    pinned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Key chunks each query chunk keeps: bool [B, H, Nq, Nk], own chunk included.
 
@@ -155,6 +166,8 @@ def select_chunks(
     ``local`` > 0: the key chunks that reach into the ``local`` tokens before the
     own chunk (end > start(own) - local) rank first (score +inf), so they are kept
     whenever the budget holds them: a band of recent keys, beside the sinks.
+    ``pinned`` (bool [B, Hkv, Nk], from :func:`vertical_chunks`): key chunks that rank first too
+    (score +inf) wherever they are candidates.
     """
     nq, nk = scores.shape[-2:]
     offset = nk - nq
@@ -169,6 +182,8 @@ def select_chunks(
     if local > 0:
         near = k_boundaries[1:][None, :] > (starts[own] - local)[:, None]
         scores = scores.masked_fill(eligible & near, float("inf"))
+    if pinned is not None:
+        scores = scores.masked_fill(eligible & pinned[..., None, :], float("inf"))
     ranked = scores.masked_fill(~eligible, float("-inf"))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     taken_charge = charge[order].masked_fill(~eligible.expand_as(ranked).gather(-1, order), 0)
@@ -195,6 +210,44 @@ def query_boundaries(k_boundaries: torch.Tensor, q_len: int, k_len: int) -> torc
     return torch.cat([zero, inner, end])
 
 
+def vertical_chunks(
+    q: torch.Tensor, k: torch.Tensor, k_boundaries: torch.Tensor, observe: int, tokens: int, sinks: int
+) -> torch.Tensor:
+    """Key chunks the call's last ``observe`` queries single out, up to ``tokens`` tokens: bool [B, Hkv, Nk].
+
+    Why: a chunk score is a mean over a chunk's queries and keys, and one salient key (a fact
+    the prompt's end asks for) sinks below the noise in it.  The last queries of a prompt are
+    the ones that produce the answer, and scoring them exactly costs O(observe·L·D), little next to
+    the prefill.  Each key chunk's score is the largest q·k between a window query (any head of
+    the KV head's group) and a key of the chunk; the chunks that rank highest are taken, in score
+    order while their tokens outside the sinks fit ``tokens``, among the chunks strictly before the
+    one holding the window's first query.  Every query chunk then ranks them first (as a
+    "vertical" pattern of MInference and FlexPrefill, estimated from the final queries as they do).
+    """
+    b, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    window = min(observe, q_len)
+    first = k_len - window  # absolute position of the window's first query
+    kc = chunk_of_token(k_boundaries, k_len)
+    nk = len(k_boundaries) - 1
+    limit = int(kc[first])  # candidates: chunks strictly before the window's first chunk
+    pinned = torch.zeros(b, hkv, nk, dtype=torch.bool, device=q.device)
+    if limit == 0 or tokens <= 0:
+        return pinned
+    end = int(k_boundaries[limit])
+    qw = q[:, :, q_len - window :].reshape(b, hkv, (hq // hkv) * window, d)
+    logits = qw @ k[:, :, :end].transpose(-1, -2)  # [B, Hkv, G*W, end]: every key is causal here
+    best = logits.amax(dim=2)  # [B, Hkv, end]
+    score = torch.full((b, hkv, limit), float("-inf"), dtype=best.dtype, device=q.device)
+    score = score.scatter_reduce(-1, kc[:end].expand(b, hkv, end), best, "amax")
+    starts, ends = k_boundaries[:limit], k_boundaries[1 : limit + 1]
+    charge = ends - starts - (ends.clamp(max=sinks) - starts.clamp(max=sinks)).clamp(min=0)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    fits = charge[order].cumsum(-1) <= tokens
+    pinned[..., :limit] = torch.zeros_like(fits).scatter(-1, order, fits)
+    return pinned
+
+
 def select_for(
     q: torch.Tensor, k: torch.Tensor, cfg: AttentionConfig, k_boundaries: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +255,10 @@ def select_for(
     q_len, k_len = q.shape[2], k.shape[2]
     qb = query_boundaries(k_boundaries, q_len, k_len)
     scores = chunk_scores(q, k, qb, k_boundaries, normalize=cfg.kind == "dhsa")
-    return qb, select_chunks(scores, k_boundaries, cfg.budget, cfg.sinks, cfg.local)
+    pinned = None
+    if cfg.vertical_tokens:
+        pinned = vertical_chunks(q, k, k_boundaries, cfg.observe, cfg.vertical_tokens, cfg.sinks)
+    return qb, select_chunks(scores, k_boundaries, cfg.budget, cfg.sinks, cfg.local, pinned)
 
 
 def kept_token_mask(

@@ -71,11 +71,15 @@ def needle_in_selection(
     last query chunk by selection score and by dense attention mass (1 = first), whether ``cfg``'s
     selection keeps it (in every KV head), and the selection itself (``keep``).  A fact inside the
     last query chunk (possible with adaptive chunks at depth ~1) is reported as that chunk with
-    ranks 0: the own chunk is always kept."""
+    ranks 0: the own chunk is always kept.  With an observation window (``cfg.observe``) the needle
+    chunk is kept when the window pins it (``pinned``) or its score ranks it in."""
     length, q_len = k.shape[2], q.shape[2]
     qb = dhsa.query_boundaries(boundaries, q_len, length)
     scores = dhsa.chunk_scores(q, k, qb, boundaries, normalize=cfg.kind == "dhsa")
-    keep = dhsa.select_chunks(scores, boundaries, cfg.budget, cfg.sinks, cfg.local)
+    pinned = None
+    if cfg.vertical_tokens:
+        pinned = dhsa.vertical_chunks(q, k, boundaries, cfg.observe, cfg.vertical_tokens, cfg.sinks)
+    keep = dhsa.select_chunks(scores, boundaries, cfg.budget, cfg.sinks, cfg.local, pinned)
     last_q = scores.shape[-2] - 1  # the last query chunk, which is the last key chunk
     last = scores.shape[-1] - 1
     own_start = int(boundaries[last])
@@ -97,5 +101,6 @@ def needle_in_selection(
         "rank_score": int((row > row[needle]).sum()) + 1,
         "rank_mass": int((chunk_mass > chunk_mass[needle]).sum()) + 1,
         "kept": bool(keep[0, :, last_q, needle].all()),
+        "pinned": bool(pinned[0, :, needle].all()) if pinned is not None else False,
         "keep": keep,
     }

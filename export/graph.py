@@ -420,6 +420,7 @@ class _GemmaWriter:
     def sparse_attention(self, q: str, k: str, v: str, boundaries: str, window: int | None, layer: int) -> str:
         nb, f, cfg = self.nb, self.f, self.spec.cfg
         min_chunk = cfg.chunk_size if (cfg.kind == "block-sparse" or cfg.chunking == "fixed") else cfg.min_chunk
+        window_attrs = {"observe": cfg.observe, "vertical": cfg.vertical_tokens} if cfg.vertical_tokens else {}
         sel, nsel = nb.op(
             ops.OP_SELECT,
             q,
@@ -432,7 +433,10 @@ class _GemmaWriter:
             max_selected=ops.max_selected(cfg.budget, cfg.sinks, min_chunk),
             normalize=1 if cfg.kind == "dhsa" else 0,
             local=cfg.local,  # the band of recent keys (0: off); explicit, as inliners may drop defaults
+            **window_attrs,
         )
+        if window_attrs:
+            nb.nodes[-1].overload = ops.VERTICAL  # the body with the observation window's vertical chunks
         out = nb.op(
             ops.OP_SPARSE,
             q,

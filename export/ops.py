@@ -41,6 +41,8 @@ OP_SPARSE = "DHSASparseAttention"
 OP_DENSE = "DenseFlashAttention"
 # Function overload of DHSASparseAttention for nodes with softcap == 0 (no capping nodes in the body).
 NO_SOFTCAP = "nosoftcap"
+# Function overload of DHSAChunkSelect for nodes with an observation window (attribute observe > 0).
+VERTICAL = "vertical"
 
 
 def _common_sizes(nb: NodeBuilder, q: str, k: str, boundaries: str) -> dict[str, str]:
@@ -138,8 +140,56 @@ def _pool(nb: NodeBuilder, x: str, lo: str, hi: str, normalize: str, padded: str
     return nb.op("Mul", sums, nb.unsqueeze(scale, 1), hint="pooled")
 
 
-def chunk_select_function() -> onnx.FunctionProto:
-    """FunctionProto of DHSAChunkSelect (see OPS.md for the contract)."""
+def _vertical_chunks(nb: NodeBuilder, s: dict[str, str], k32: str, q32: str, kbar: str, sinks: str) -> str:
+    """The vertical chunks of :func:`edgeattn.dhsa.vertical_chunks`: bool [B, Hkv, Nc].
+
+    Reads the attributes ``observe`` (window of the last queries) and ``vertical`` (tokens).
+    """
+    observe = nb.attr_const("observe", "int")
+    tokens = nb.attr_const("vertical", "int")
+    first = nb.op("Sub", s["lk"], nb.op("Min", observe, s["lq"]), hint="window_start")
+    # every query's q·k, the rows outside the window masked: the O(Lq·Lk) class of the sparse body's
+    # token mask (a Slice of the window would have a data-dependent start that TVM's importer cannot
+    # reshape)
+    logits = nb.op(
+        "MatMul", nb.op("Reshape", q32, s["grouped"]), nb.unsqueeze(nb.op("Transpose", k32, perm=[0, 1, 3, 2]), 2)
+    )
+    in_window = nb.unsqueeze(nb.op("GreaterOrEqual", s["query_pos"], first), 1)  # [Lq, 1]
+    floor_score = nb.const(-BAND_SCORE, np.float32, hint="floor")
+    best = nb.op("ReduceMax", nb.op("Where", in_window, logits, floor_score), nb.i64(2, 3), keepdims=0)  # [B,Hkv,Lk]
+    k_chunk = nb.op(
+        "ReduceSum",
+        nb.op("Cast", nb.op("GreaterOrEqual", nb.unsqueeze(s["key_pos"], 1), nb.unsqueeze(s["b_hi"], 0)), to=INT64),
+        nb.i64(1),
+        keepdims=0,
+    )  # [Lk]: chunk of every key
+    shape_best = nb.op("Shape", best)
+    out_shape = nb.op("Slice", nb.op("Shape", kbar), nb.i64(0), nb.i64(3))  # [B, Hkv, Nc]
+    floor = nb.op("Expand", floor_score, out_shape)
+    score = nb.op(
+        "ScatterElements", floor, nb.op("Expand", k_chunk, shape_best), best, axis=2, reduction="max"
+    )  # [B, Hkv, Nc]: the largest q·k of a window query with a key of each chunk
+    cand = nb.op("LessOrEqual", s["b_hi"], first, hint="vertical_candidates")  # [Nc]: before the window's chunk
+    x = s["x"]
+    sx, sy = nb.unsqueeze(score, 3), nb.unsqueeze(score, 2)  # [B,H,Nc(x),1], [B,H,1,Nc(y)]
+    y_lower = nb.op("Less", nb.unsqueeze(x, 0), nb.unsqueeze(x, 1))  # [x, y]: y < x
+    before = nb.op("Or", nb.op("Greater", sy, sx), nb.op("And", nb.op("Equal", sy, sx), y_lower))
+    before = nb.op("And", before, nb.unsqueeze(cand, 0))  # y must be a candidate
+    zero = nb.scalar_i64(0)
+    sink_overlap = nb.op("Max", nb.op("Sub", nb.op("Min", s["b_hi"], sinks), nb.op("Min", s["b_lo"], sinks)), zero)
+    charge = nb.op("Cast", nb.op("Sub", s["lens"], sink_overlap), to=FLOAT)  # [Nc]
+    charged = nb.squeeze(nb.op("MatMul", nb.op("Cast", before, to=FLOAT), nb.unsqueeze(charge, 1)), 3)
+    fits = nb.op("LessOrEqual", nb.op("Add", charged, charge), nb.op("Cast", tokens, to=FLOAT))
+    return nb.op("And", fits, cand, hint="vertical_chunks")
+
+
+def chunk_select_function(with_vertical: bool = False) -> onnx.FunctionProto:
+    """FunctionProto of DHSAChunkSelect (see OPS.md for the contract).
+
+    ``with_vertical=True`` gives the overload ``vertical``: the same op with the observation
+    window's vertical chunks (attributes ``observe``, ``vertical``); the default body has none
+    of those nodes, so importers that lack ScatterElements' max reduction still read it.
+    """
     nb = NodeBuilder()
     q, k, boundaries = "q", "k", "boundaries"
     s = _common_sizes(nb, q, k, boundaries)
@@ -186,7 +236,11 @@ def chunk_select_function() -> onnx.FunctionProto:
     local = nb.attr_const("local", "int")
     near = nb.op("Greater", nb.unsqueeze(s["b_hi"], 0), nb.unsqueeze(nb.op("Sub", own_lo, local), 1))
     band = nb.op("And", near, eligible, hint="local_band")  # [Nq, Nc]
-    scores = nb.op("Where", band, nb.const(BAND_SCORE, np.float32, hint="band_score"), scores)
+    band_score = nb.const(BAND_SCORE, np.float32, hint="band_score")
+    scores = nb.op("Where", band, band_score, scores)
+    if with_vertical:  # the observation window's chunks rank first too, wherever they are candidates
+        pinned = nb.op("And", nb.unsqueeze(_vertical_chunks(nb, s, k32, q32, kbar, sinks), 2), eligible)
+        scores = nb.op("Where", pinned, band_score, scores)
     # tokens each chunk costs outside the sinks; what is left after the own chunk and the sinks
     sink_overlap = nb.op("Max", nb.op("Sub", nb.op("Min", s["b_hi"], sinks), nb.op("Min", s["b_lo"], sinks)), zero)
     charge = nb.op("Sub", s["lens"], sink_overlap, hint="charge")  # [Nc]
@@ -226,14 +280,19 @@ def chunk_select_function() -> onnx.FunctionProto:
     )
     count = nb.op("ReduceSum", keep_i, nb.i64(3), keepdims=0)
     nb.op("Where", nb.op("Greater", count, m_width), nb.scalar_i64(-1), count, outputs=["nsel"])
-    return _function(
+    attrs = {"budget": None, "sinks": 4, "max_selected": None, "normalize": 1, "local": 0}
+    fn = _function(
         OP_SELECT,
         ["q", "k", "boundaries"],
         ["sel", "nsel"],
         nb,
-        {"budget": None, "sinks": 4, "max_selected": None, "normalize": 1, "local": 0},
-        "DHSA chunk stage: pooled chunk scores and budgeted key-chunk selection (see export/OPS.md).",
+        attrs | ({"observe": 0, "vertical": 0} if with_vertical else {}),
+        "DHSA chunk stage: pooled chunk scores and budgeted key-chunk selection (see export/OPS.md)."
+        + (" Overload with the observation window's vertical chunks." if with_vertical else ""),
     )
+    if with_vertical:
+        fn.overload = VERTICAL
+    return fn
 
 
 def sparse_attention_function(with_softcap: bool = True) -> onnx.FunctionProto:
@@ -359,6 +418,7 @@ def functions() -> list[onnx.FunctionProto]:
     """Every ai.edgeattn function, to attach to a model (``model.functions``)."""
     return [
         chunk_select_function(),
+        chunk_select_function(with_vertical=True),
         sparse_attention_function(),
         sparse_attention_function(with_softcap=False),
         dense_flash_function(),
@@ -379,6 +439,8 @@ def max_selected(budget: int, sinks: int, min_chunk: int) -> int:
 def single_op_model(op: str, inputs: list[tuple[str, int, list]], outputs: list[tuple[str, int, list]], **attrs):
     """A model holding one ai.edgeattn node and its function (tests and kernel checks)."""
     node = helper.make_node(op, [n for n, _, _ in inputs], [n for n, _, _ in outputs], domain=DOMAIN, **attrs)
+    if op == OP_SELECT and attrs.get("observe"):
+        node.overload = VERTICAL
     graph = helper.make_graph(
         [node],
         f"{op}_only",
@@ -399,6 +461,7 @@ __all__ = [
     "OP_SELECT",
     "OP_SPARSE",
     "OP_DENSE",
+    "VERTICAL",
     "chunk_select_function",
     "dense_flash_function",
     "sparse_attention_function",

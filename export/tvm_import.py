@@ -405,6 +405,8 @@ class _Lowering:
             sinks=int(attr.get("sinks", 4)),
             normalize=bool(attr.get("normalize", 1)),
             local=int(attr.get("local", 0)),
+            observe=int(attr.get("observe", 0)),
+            vertical=int(attr.get("vertical", 0)),
         )
         s, t, hkv = _shape(q)[2], _shape(k)[2], _shape(k)[1]
         c = int(self.chunk_size)

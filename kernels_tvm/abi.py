@@ -62,6 +62,8 @@ class KernelSpec:
     with one query (Lq == 1); a builder may return a kernel specialised for it, and the
     caller must then pass Lq == 1.  ``budget``/``sinks``: DHSA's N_b and sink count.
     ``local``: selection only, the band of recent keys always kept (``AttentionConfig.local``).
+    ``observe``/``vertical``: selection only, the observation window of the call's last queries and
+    the tokens its vertical chunks may take (``AttentionConfig.observe``, ``vertical_tokens``).
     ``query_tile``: sparse prefill only, a schedule hint, the queries per head of one CPU tile;
     set it to the usual chunk length (a 16-token chunk in a 32-query tile wastes half the rows).
     The result does not depend on it: every row sees the same key tiles in the same order.
@@ -80,6 +82,8 @@ class KernelSpec:
     normalize: bool = True
     decode: bool = False
     local: int = 0
+    observe: int = 0
+    vertical: int = 0
     query_tile: int = 32
 
     def __post_init__(self) -> None:
@@ -97,6 +101,8 @@ class KernelSpec:
             raise ValueError(f"softcap must be > 0 (or None/0 for off), got {self.softcap}")
         if self.local < 0:
             raise ValueError(f"local must be >= 0, got {self.local}")
+        if self.observe < 0 or self.vertical < 0:
+            raise ValueError(f"observe and vertical must be >= 0, got {self.observe} and {self.vertical}")
         if self.query_tile < 1:
             raise ValueError(f"query_tile must be >= 1, got {self.query_tile}")
         if self.window is not None and self.window < 0:
@@ -128,7 +134,9 @@ class KernelSpec:
         """The part of the spec that changes the generated code for ``op`` (cache key)."""
         common = (self.op, self.heads_q, self.heads_kv, self.head_dim, self.dtype)
         if self.op == OP_SELECT:
-            return common + (self.budget, self.sinks, self.normalize) + ((self.local,) if self.local else ())
+            band = (self.local,) if self.local else ()
+            window = ("observe", self.observe, self.vertical) if self.observe and self.vertical else ()
+            return common + (self.budget, self.sinks, self.normalize) + band + window
         attn = common + (round(self.scale, 12), self.cap, self.win, self.decode)
         return attn + ((self.sinks, self.query_tile) if self.op == OP_SPARSE else ())
 

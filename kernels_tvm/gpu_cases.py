@@ -50,6 +50,8 @@ class AttentionCase:
     ref_dense: np.ndarray  # float32 [Hq, Lq, D]
     extra: dict = field(default_factory=dict)
     local: int = 0  # AttentionConfig.local: the band of recent keys the selection always keeps
+    observe: int = 0  # AttentionConfig.observe: the observation window of the vertical chunks
+    vertical: int = 0  # AttentionConfig.vertical_tokens
 
     def spec(self, op: str) -> KernelSpec:
         return KernelSpec(
@@ -63,6 +65,8 @@ class AttentionCase:
             sinks=self.sinks,
             budget=self.budget,
             local=self.local if op == OP_SELECT else 0,
+            observe=self.observe if op == OP_SELECT else 0,
+            vertical=self.vertical if op == OP_SELECT else 0,
         )
 
     def args(self, op: str) -> list[np.ndarray]:
@@ -95,6 +99,7 @@ def make_case(
     seed: int = 0,
     key_offset: float = 0.0,
     local: int = 0,
+    observe: int = 0,
 ) -> AttentionCase:
     """Random q/k/v, boundaries (fixed ``chunk`` or random lengths in ``variable_chunks``) and references.
 
@@ -118,7 +123,7 @@ def make_case(
         bounds = dhsa.fixed_boundaries(k_len, chunk).numpy()
     tb = torch.from_numpy(bounds)
     qt, kt, vt = (torch.from_numpy(x.astype(np.float32))[None] for x in (q, k, v))
-    cfg = AttentionConfig(kind="dhsa", budget=budget, chunk_size=chunk, sinks=sinks, local=local)
+    cfg = AttentionConfig(kind="dhsa", budget=budget, chunk_size=chunk, sinks=sinks, local=local, observe=observe)
     _, keep = dhsa.select_for(qt, kt, cfg, tb)
     scaling = 1.0 / math.sqrt(head_dim)
     with torch.no_grad():
@@ -153,6 +158,8 @@ def make_case(
         ref_sparse=ref_sparse,
         ref_dense=ref_dense,
         local=local,
+        observe=observe,
+        vertical=cfg.vertical_tokens,
     )
 
 

@@ -43,7 +43,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .abi import BAND_SCORE, OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
-from .toplist import toplist_macros
+from .toplist import toplist_macros, vertical_pin_macro
 
 NEG = -(2.0**127)  # "minus infinity" that keeps exp() and max() finite; exact in fp32 (no inf arithmetic)
 
@@ -402,6 +402,62 @@ def build_decode_attention(spec: KernelSpec, target: Any = None) -> tvm.IRModule
 # ------------------------------------------------------------------ selection
 
 
+def _vertical_kernels(hkv: int, g: int, d: int, nt: int, rt: int, observe: int, vertical: int, sinks: int, insert):
+    """The vertical chunks (select.py's step 0) as GPU kernels: ``pinned[h, x]`` = 1 or 0.
+
+    V0 clears the per-head top-list (which also keeps it a function-level workspace, see kernel 0
+    of the selection); V1 gives each (KV head, chunk) a work-group whose threads share the
+    (query, key) pairs and reduce their largest q·k in shared memory; V2 runs one head's top-list
+    and greedy prefix on thread 0, as the rows do.
+    """
+    pin = vertical_pin_macro(vertical, sinks, insert)
+
+    @T.macro
+    def vertical_chunks(Q, K, B, pinned, Lq, Lk, Nc1, M):
+        vscore = T.alloc_buffer((hkv, Nc1 - 1), "float32")
+        vtop = T.alloc_buffer((hkv, 1, M), "float32")
+        vsel = T.alloc_buffer((hkv, 1, M), "int32")
+        for bv in T.thread_binding(hkv, thread="blockIdx.x"):
+            for tv in T.thread_binding(rt, thread="threadIdx.x"):
+                for i in range((M + rt - 1) // rt):
+                    if i * rt + tv < M:
+                        vtop[bv, 0, i * rt + tv] = T.float32(NEG)
+                        vsel[bv, 0, i * rt + tv] = -1
+        for bw in T.thread_binding(hkv * (Nc1 - 1), thread="blockIdx.x"):
+            for tw in T.thread_binding(nt, thread="threadIdx.x"):
+                red = T.alloc_buffer((nt,), "float32", scope="shared")
+                best = T.alloc_buffer((2,), "float32", scope="local")
+                hw = bw // (Nc1 - 1)
+                xw = bw % (Nc1 - 1)
+                wn = T.min(observe, Lq)
+                n = B[xw + 1] - B[xw]
+                best[0] = T.float32(NEG)
+                if B[xw + 1] <= Lk - wn:  # strictly before the window's first chunk
+                    for p in range((g * wn * n + nt - 1) // nt):
+                        if p * nt + tw < g * wn * n:
+                            best[1] = T.float32(0)
+                            for dd in range(d):
+                                best[1] = best[1] + T.Cast(
+                                    "float32",
+                                    Q[hw * g + (p * nt + tw) // (wn * n), Lq - wn + (p * nt + tw) // n % wn, dd],
+                                ) * T.Cast("float32", K[hw, B[xw] + (p * nt + tw) % n, dd])
+                            best[0] = T.max(best[0], best[1])
+                red[tw] = best[0]
+                T.tvm_storage_sync("shared")
+                if tw == 0:
+                    for i in range(1, nt):
+                        best[1] = red[i]
+                        best[0] = T.max(best[0], best[1])
+                    vscore[hw, xw] = best[0]
+                    pinned[hw, xw] = 0
+        for bh in T.thread_binding(hkv, thread="blockIdx.x"):
+            for _th in T.thread_binding(1, thread="threadIdx.x"):
+                iv = T.alloc_buffer((5,), "int32", scope="local")  # count, pos, flag, used (toplist.py)
+                pin(B, Nc1, vscore, vtop, vsel, pinned, bh, M, Lk - T.min(observe, Lq), iv)
+
+    return vertical_chunks
+
+
 def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
     """``dhsa_chunk_select(q, k, boundaries, sel, nsel)``: pooling kernel, then one work-group per row."""
     if spec.op != OP_SELECT:
@@ -409,6 +465,7 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
     hq, hkv, d, g, dtype = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group, spec.dtype
     budget, sinks, normalize = int(spec.budget), int(spec.sinks), bool(spec.normalize)
     local = int(spec.local)
+    observe, vertical = (int(spec.observe), int(spec.vertical)) if spec.vertical else (0, 0)
     max_threads = _target_limit(target, "max_num_threads", 256)
     tp = min(_pow2_floor(d), 64, max_threads)  # threads over D in the pooling kernel
     npool = (d + tp - 1) // tp
@@ -418,6 +475,7 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
     ndt = (d + nt - 1) // nt
     insert, finish = toplist_macros(budget, sinks)
     ginv = 1.0 / g
+    vertical_chunks = _vertical_kernels(hkv, g, d, nt, rt, observe, vertical, sinks, insert)
 
     @T.prim_func
     def dhsa_chunk_select(q: T.handle, k: T.handle, boundaries: T.handle, sel: T.handle, nsel: T.handle):
@@ -435,6 +493,9 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
         kbar = T.alloc_buffer((hkv, Nc1 - 1, d), "float32")
         topv = T.alloc_buffer((hkv, Nq, M), "float32")
         csum = T.alloc_buffer((hkv, Nc1 - 1, d), "float32")  # csum[h, x] = sum of K[h] over chunk x (DHSA)
+        pinned = T.alloc_buffer((hkv, Nc1 - 1), "int32")  # vertical chunks (kernels V1-V2), 1 = ranks first
+        if observe > 0:
+            vertical_chunks(Q, K, B, pinned, Lq, Lk, Nc1, M)
         # ---- kernel 0: clear the top-list scores.  Also keeps ``topv`` a function-level workspace: a
         # global buffer used inside one thread-bound kernel only is compacted to a per-thread region
         # by TVM 0.27's CompactBufferAllocation, with wrong offsets.
@@ -521,6 +582,9 @@ def build_chunk_select(spec: KernelSpec, target: Any = None) -> tvm.IRModule:
                             sv[0] = sv[0] - T.sqrt(T.Cast("float32", B[blo * nt + tx + 1] - B[blo * nt + tx])) * cen[0]
                         if local > 0:
                             if B[blo * nt + tx + 1] > ks - local:  # local band first (abi.BAND_SCORE)
+                                sv[0] = T.float32(BAND_SCORE)
+                        if observe > 0:
+                            if pinned[h, blo * nt + tx] == 1:  # so do the vertical chunks
                                 sv[0] = T.float32(BAND_SCORE)
                         blk[tx] = sv[0]
                     T.tvm_storage_sync("shared")

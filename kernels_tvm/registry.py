@@ -313,6 +313,8 @@ def run_layer(
             sinks=cfg.sinks,
             normalize=cfg.kind == "dhsa",
             local=getattr(cfg, "local", 0),
+            observe=getattr(cfg, "observe", 0),
+            vertical=getattr(cfg, "vertical_tokens", 0),
         )
         tile = {} if decode else {"query_tile": query_tile_for(bnd)}
         ak = layer_kernel(OP_SPARSE, target, decode=decode, sinks=cfg.sinks, **tile, **common)

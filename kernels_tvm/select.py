@@ -18,6 +18,13 @@ With ``spec.local`` > 0 the key chunks that end after ``start(own) - local`` (th
 keys) score ``abi.BAND_SCORE`` instead, above every real score: they rank first, ties by id,
 as the reference's +inf.
 
+With ``spec.observe`` > 0 (and ``spec.vertical`` tokens) step 0 picks the vertical chunks of
+:func:`edgeattn.dhsa.vertical_chunks`: each key chunk before the chunk of the call's window (its
+last ``min(observe, Lq)`` queries) scores the largest q·k between a window query of the group and
+a key of the chunk; a top-list in that order is cut to its greedy prefix under ``vertical``
+tokens, and those chunks score ``abi.BAND_SCORE`` in every row where they are candidates.  Cost:
+O(observe·g·L·D), parallel over chunks.
+
 No sort library: the candidates go through an insertion top-list of capacity M (the
 width of ``sel``, :func:`abi.max_selected` guarantees the kept prefix fits), which
 costs O(Nc) per row plus O(M) per insertion.  The whole kernel is O(L·D + Nc²·D/2)
@@ -31,7 +38,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .abi import BAND_SCORE, OP_SELECT, SYMBOL, KernelSpec
-from .toplist import toplist_macros
+from .toplist import toplist_macros, vertical_pin_macro
 
 
 def _lanes(d: int, maxl: int = 8) -> int:
@@ -39,6 +46,44 @@ def _lanes(d: int, maxl: int = 8) -> int:
         if v <= maxl and d % v == 0:
             return v
     return 1
+
+
+def _vertical_macro(hkv: int, g: int, d: int, vl: int, observe: int, vertical: int, sinks: int, insert):
+    """Step 0 as a TVMScript macro: ``pinned[h, x]`` = 1 for the vertical chunks, else 0."""
+    nd = d // vl
+    pin = vertical_pin_macro(vertical, sinks, insert)
+
+    @T.macro
+    def vertical_chunks(Q, K, B, pinned, Lq, Lk, Nc1, M):
+        vscore = T.alloc_buffer((hkv, Nc1 - 1), "float32")
+        vtop = T.alloc_buffer((hkv, 1, M), "float32")
+        vsel = T.alloc_buffer((hkv, 1, M), "int32")
+        for x in T.parallel(Nc1 - 1):
+            for h in range(hkv):
+                pinned[h, x] = 0
+                vscore[h, x] = T.float32(-BAND_SCORE)
+                if B[x + 1] <= Lk - T.min(observe, Lq):  # strictly before the window's first chunk
+                    for gi in range(g):
+                        for t in range(T.min(observe, Lq)):
+                            for j in range(B[x + 1] - B[x]):
+                                part = T.alloc_buffer((vl,), "float32", scope="local")
+                                dot = T.alloc_buffer((1,), "float32", scope="local")
+                                for dv in T.vectorized(vl):
+                                    part[dv] = T.float32(0)
+                                for d0 in range(nd):
+                                    for dv in T.vectorized(vl):
+                                        part[dv] = part[dv] + T.Cast(
+                                            "float32", Q[h * g + gi, Lq - T.min(observe, Lq) + t, d0 * vl + dv]
+                                        ) * T.Cast("float32", K[h, B[x] + j, d0 * vl + dv])
+                                dot[0] = T.float32(0)
+                                for dv in range(vl):
+                                    dot[0] = dot[0] + part[dv]
+                                vscore[h, x] = T.max(vscore[h, x], dot[0])
+        for h in T.parallel(hkv):
+            iv = T.alloc_buffer((5,), "int32", scope="local")  # count, pos, flag, used (toplist.py)
+            pin(B, Nc1, vscore, vtop, vsel, pinned, h, M, Lk - T.min(observe, Lq), iv)
+
+    return vertical_chunks
 
 
 def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
@@ -50,10 +95,12 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
     budget, sinks = int(spec.budget), int(spec.sinks)
     normalize = bool(spec.normalize)
     local = int(spec.local)
+    observe, vertical = (int(spec.observe), int(spec.vertical)) if spec.vertical else (0, 0)
     vl = _lanes(d, lanes)
     nd = d // vl
     ginv = 1.0 / g
     insert, finish = toplist_macros(budget, sinks)
+    vertical_chunks = _vertical_macro(hkv, g, d, vl, observe, vertical, sinks, insert)
 
     @T.prim_func
     def dhsa_chunk_select(q_h: T.handle, k_h: T.handle, b_h: T.handle, sel_h: T.handle, nsel_h: T.handle):
@@ -71,6 +118,9 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
         kbar = T.alloc_buffer((hkv, Nc1 - 1, d), "float32")
         topv = T.alloc_buffer((hkv, Nq, M), "float32")
         kpre = T.alloc_buffer((hkv, Nc1, d), "float32")  # kpre[h, x] = sum of K[h, :B[x]] (DHSA centring)
+        pinned = T.alloc_buffer((hkv, Nc1 - 1), "int32")  # vertical chunks (step 0), 1 = ranks first
+        if observe > 0:
+            vertical_chunks(Q, K, B, pinned, Lq, Lk, Nc1, M)
         # ---- 1. key-chunk pooling
         for x in T.parallel(Nc1 - 1):
             for h in range(hkv):
@@ -147,6 +197,9 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
                     sc[0] = sc[0] - T.sqrt(T.Cast("float32", B[x + 1] - B[x])) * qmu[0]
                 if local > 0:
                     if B[x + 1] > ks - local:  # the local band ranks first (the reference's +inf)
+                        sc[0] = T.float32(BAND_SCORE)
+                if observe > 0:
+                    if pinned[hh, x] == 1:  # so do the vertical chunks
                         sc[0] = T.float32(BAND_SCORE)
                 insert(topv, SEL, hh, c, M, sc[0], x, iv)
             finish(B, SEL, NSEL, hh, c, M, own, ks, ke, iv)

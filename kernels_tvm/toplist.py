@@ -82,3 +82,33 @@ def toplist_macros(budget: int, sinks: int) -> tuple[Any, Any]:
             NSEL[h, c] = iv[4] + 1
 
     return insert, finish
+
+
+def vertical_pin_macro(vertical: int, sinks: int, insert: Any) -> Any:
+    """``pin`` TVMScript macro: one KV head's vertical chunks (``edgeattn.dhsa.vertical_chunks``).
+
+    Runs on one thread per head, on the CPU and GPU kernels alike: the candidates (chunks ending by
+    ``first``, the window's first query) go through the rows' top-list in ``vscore`` order, and the
+    greedy prefix of that order under ``vertical`` tokens gets ``pinned[h, x] = 1``.
+    """
+
+    @T.macro
+    def pin(B, Nc1, vscore, vtop, vsel, pinned, h, M, first, iv):
+        iv[0] = 0
+        for x in range(Nc1 - 1):
+            if B[x + 1] <= first:
+                insert(vtop, vsel, h, 0, M, vscore[h, x], x, iv)
+        iv[3] = 0
+        iv[2] = 1
+        for i in range(iv[0]):  # the greedy prefix under the vertical tokens
+            if iv[2] == 1:
+                xs = B[vsel[h, 0, i]]
+                xe = B[vsel[h, 0, i] + 1]
+                charge = (xe - xs) - T.max(T.min(xe, sinks) - T.min(xs, sinks), 0)
+                if iv[3] + charge <= vertical:
+                    iv[3] = iv[3] + charge
+                    pinned[h, vsel[h, 0, i]] = 1
+                else:
+                    iv[2] = 0
+
+    return pin

@@ -67,6 +67,9 @@ def _run_select(q: np.ndarray, k: np.ndarray, boundaries: np.ndarray, attrs: dic
         budget=int(attrs["budget"]),
         sinks=int(attrs.get("sinks", 4)),
         normalize=bool(attrs.get("normalize", 1)),
+        local=int(attrs.get("local", 0)),
+        observe=int(attrs.get("observe", 0)),
+        vertical=int(attrs.get("vertical", 0)),
     )
     bt = registry.empty(bnd.shape, "int32")
     bt.copy_(torch.from_numpy(bnd.astype(np.int32)))

@@ -79,19 +79,21 @@ def test_multi_token_appends_equal_single_token_appends() -> None:
 
 
 @pytest.mark.parametrize(
-    ("length", "local", "kind"),
+    ("length", "local", "kind", "observe"),
     [
-        (640, 0, "dhsa"),
-        (650, 0, "dhsa"),
-        (656, 0, "dhsa"),
-        (650, 40, "dhsa"),
-        (656, 40, "dhsa"),
-        (650, 0, "block-sparse"),
+        (640, 0, "dhsa", 0),
+        (650, 0, "dhsa", 0),
+        (656, 0, "dhsa", 0),
+        (650, 40, "dhsa", 0),
+        (656, 40, "dhsa", 0),
+        (650, 0, "block-sparse", 0),
+        (650, 0, "dhsa", 16),
+        (656, 40, "dhsa", 16),
     ],
 )
-def test_index_selection_and_attention_equal_reference(length: int, local: int, kind: str) -> None:
+def test_index_selection_and_attention_equal_reference(length: int, local: int, kind: str, observe: int) -> None:
     """Fixed chunks: the index's decode selection is the reference's select_chunks, and attention matches."""
-    cfg = AttentionConfig(kind=kind, budget=160, chunk_size=16, sinks=4, local=local)  # type: ignore[arg-type]
+    cfg = AttentionConfig(kind=kind, budget=160, chunk_size=16, sinks=4, local=local, observe=observe)  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(length)
     k = _segment_keys(length) + 1.5  # a shared key component: the centring term matters
     v = torch.randn(k.shape, generator=g)
@@ -99,8 +101,10 @@ def test_index_selection_and_attention_equal_reference(length: int, local: int, 
     idx = ci.ChunkIndex.build(k[:, :, :300], ci.FixedRule(16), normalize=kind == "dhsa")
     for n in range(301, length + 1):
         idx.append(k[:, :, :n])
-    sel = idx.select(q, cfg)
+    sel = idx.select(q, cfg, k)
     _, keep = dhsa.select_for(q, k, cfg, dhsa.fixed_boundaries(length, 16))
+    if observe:
+        assert not torch.equal(keep, dhsa.select_for(q, k, cfg.with_(observe=0), dhsa.fixed_boundaries(length, 16))[1])
     assert torch.equal(sel.keep, keep[:, :, 0, : sel.own + 1])
     assert not bool(keep[:, :, 0, sel.own + 1 :].any())
     ref = dhsa.attention(q, k, v, cfg, scaling=0.25)

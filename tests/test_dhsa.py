@@ -125,12 +125,15 @@ def test_dhsa_scores_are_length_normalised_and_centred() -> None:
 
 
 def test_selection_ignores_a_common_key_offset() -> None:
-    """Attention is blind to a vector added to every key; so is DHSA's selection (variable chunks)."""
+    """Attention is blind to a vector added to every key; so are DHSA's chunk scores (variable chunks).
+
+    The observation window's max over several queries (a window, or the query heads of a GQA group)
+    is not: each query's logits shift by its own q·c.  So this holds for the paper's selection."""
     q, k, _ = _qkv(2, 300, hkv=1, batch=1, seed=11)
     gen = torch.Generator().manual_seed(3)
     cuts = torch.sort(torch.randperm(290, generator=gen)[:30] + 5).values
     bounds = torch.unique(torch.cat([torch.tensor([0]), cuts, torch.tensor([300])]))
-    cfg = AttentionConfig(budget=96, chunk_size=8, sinks=2)
+    cfg = AttentionConfig(budget=96, chunk_size=8, sinks=2, observe=0)
     offset = 3.0 * torch.randn(k.shape[-1], generator=gen)
     _, keep = dhsa.select_for(q, k, cfg, bounds)
     _, keep_shifted = dhsa.select_for(q, k + offset, cfg, bounds)
@@ -143,7 +146,7 @@ def test_centring_leaves_fixed_chunk_ranking_alone() -> None:
     bounds = dhsa.fixed_boundaries(256, 16)
     raw = dhsa.chunk_scores(q, k, bounds, bounds, center=False)
     assert not torch.allclose(raw, dhsa.chunk_scores(q, k, bounds, bounds))  # the term is there ...
-    cfg = AttentionConfig(budget=80, chunk_size=16, sinks=4)
+    cfg = AttentionConfig(budget=80, chunk_size=16, sinks=4, observe=0)  # the chunk scores alone
     _, keep = dhsa.select_for(q, k, cfg, bounds)
     assert torch.equal(keep, dhsa.select_chunks(raw, bounds, cfg.budget, cfg.sinks))  # ... and changes nothing
 

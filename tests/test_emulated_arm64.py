@@ -99,11 +99,13 @@ def test_dhsa_kernels_match_reference_on_aarch64(device: emu.EmulatedArm64Device
 
 
 def test_centred_selection_with_variable_chunks_on_aarch64(device: emu.EmulatedArm64Device) -> None:
-    """Variable chunks and keys with a large common component: the centring term decides the order."""
+    """Variable chunks and keys with a large common component: the centring term decides the order;
+    the observation window (12 queries, spanning chunks) pins its vertical chunks."""
     from edgeattn.kernels_tvm.abi import OP_SELECT
     from edgeattn.kernels_tvm.gpu_cases import make_case
 
-    case = make_case(4, 1, 32, 93, variable_chunks=(3, 13), budget=40, sinks=3, seed=6, key_offset=2.0)
+    case = make_case(4, 1, 32, 93, variable_chunks=(3, 13), budget=40, sinks=3, seed=6, key_offset=2.0, observe=12)
+    assert case.vertical == 20
     sel = _run(device, "arm-a76", case, OP_SELECT)
     np.testing.assert_array_equal(sel[3], case.sel)
     np.testing.assert_array_equal(sel[4], case.nsel)

@@ -50,6 +50,7 @@ def run_ops(q, k, v, boundaries, cfg: AttentionConfig, scaling=0.25, softcap=Non
         max_selected=width,
         normalize=int(cfg.kind == "dhsa"),
         local=cfg.local,
+        **({"observe": cfg.observe, "vertical": cfg.vertical_tokens} if cfg.vertical_tokens else {}),
     )
     sparse = ops.single_op_model(
         ops.OP_SPARSE,
@@ -117,21 +118,31 @@ def test_variable_boundaries_as_input(key_offset: float):
 
 
 @pytest.mark.parametrize(
-    "kind,lq,local", [("dhsa", 45, 10), ("block-sparse", 45, 20), ("dhsa", 1, 10), ("dhsa", 7, 30)]
+    "kind,lq,option,tokens",
+    [
+        ("dhsa", 45, "local", 10),
+        ("block-sparse", 45, "local", 20),
+        ("dhsa", 1, "local", 10),
+        ("dhsa", 7, "local", 30),
+        ("dhsa", 45, "observe", 8),
+        ("dhsa", 1, "observe", 8),
+        ("dhsa", 7, "observe", 12),
+    ],
 )
-def test_local_band_matches_reference(kind: str, lq: int, local: int):
-    """AttentionConfig.local: the chunks within ``local`` tokens before the own chunk rank first,
-    in the function body as in the reference (prefill, decode, a query suffix)."""
-    torch.manual_seed(3)
+def test_selection_options_match_reference(kind: str, lq: int, option: str, tokens: int):
+    """The chunks an option ranks first, in the function body as in the reference (prefill, decode, a
+    query suffix): ``local``, the band of recent keys; ``observe``, the observation window's vertical
+    chunks (the body's ``vertical`` overload)."""
+    torch.manual_seed(3 if option == "local" else 4)
     lk = 45
     q, k, v = torch.randn(1, 4, lq, 8), torch.randn(1, 2, lk, 8) + 1.0, torch.randn(1, 2, lk, 8)
-    cfg = AttentionConfig(kind=kind, budget=24, chunk_size=4, sinks=2, local=local)
+    off = AttentionConfig(kind=kind, budget=24, chunk_size=4, sinks=2, local=0, observe=0)
+    cfg = off.with_(**{option: tokens})
     bounds = dhsa.fixed_boundaries(lk, 4)
     sel, _, out, width = run_ops(q, k, v, bounds, cfg)
     _, keep = dhsa.select_for(q, k, cfg, bounds)
-    _, keep_plain = dhsa.select_for(q, k, cfg.with_(local=0), bounds)
     assert (sel == _sel_from_keep(keep, width)).all()
-    assert not torch.equal(keep, keep_plain)  # the band changes the selection here
+    assert not torch.equal(keep, dhsa.select_for(q, k, off, bounds)[1])  # the option changes the selection here
     ref = dhsa.sparse_attention(q, k, v, keep, bounds, 0.25, 2)
     assert np.abs(out - ref.numpy()).max() < 1e-5
 
@@ -157,6 +168,7 @@ def test_functions_are_standard_onnx_only():
     names = [(fn.name, fn.overload) for fn in ops.functions()]
     assert names == [
         ("DHSAChunkSelect", ""),
+        ("DHSAChunkSelect", "vertical"),
         ("DHSASparseAttention", ""),
         ("DHSASparseAttention", "nosoftcap"),
         ("DenseFlashAttention", ""),

@@ -3,6 +3,8 @@
 Tiny shapes; every kernel variant compiles once per session (the registry caches it and the
 lengths are symbolic).  Outputs are poisoned before every run and must come back fully
 written.  The CPU kernels compute in fp32; fp16 inputs are converted on load (tested too).
+The selection here is the plain one (``observe=0``); tests/test_selection.py checks the
+observation window in every backend.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def test_selection_identical_to_reference(hq: int, hkv: int, kind: str) -> None:
         # keys with a large common component: the centring term decides the order here
         common = 2.0 * torch.randn(d, generator=torch.Generator().manual_seed(hq))
         cases += [(varied, k), (varied, k + common.to(k.dtype))]
-    cfg = AttentionConfig(kind=kind, budget=budget, chunk_size=chunk, sinks=sinks, max_chunk=17, min_chunk=3)
+    cfg = AttentionConfig(observe=0, kind=kind, budget=budget, chunk_size=chunk, sinks=sinks, max_chunk=17, min_chunk=3)
     for b, k in cases:
         for lq in (length, 1, 37):  # prefill, decode, a suffix of queries
             qq = q[:, length - lq :]
@@ -177,7 +179,7 @@ def test_selection_reports_overflow_when_width_is_too_small() -> None:
 def test_sparse_attention_matches_reference(hq: int, hkv: int, softcap: float | None) -> None:
     d, length = 32, 157
     q, k, v = make_qkv(hq, hkv, d, length, length, seed=hq * 3 + hkv)
-    cfg = AttentionConfig(kind="dhsa", budget=40, chunk_size=8, sinks=4, min_chunk=3, max_chunk=19)
+    cfg = AttentionConfig(observe=0, kind="dhsa", budget=40, chunk_size=8, sinks=4, min_chunk=3, max_chunk=19)
     for b in (dhsa.fixed_boundaries(length, 8), variable_boundaries(length, 3, 19, seed=hq)):
         out, _, _ = run_sparse(q, k, v, b, cfg, softcap=softcap)
         assert rel_err(out, reference(q, k, v, cfg, b, softcap)) <= RTOL
@@ -187,7 +189,7 @@ def test_sparse_attention_matches_reference(hq: int, hkv: int, softcap: float | 
 def test_sparse_attention_with_window_and_block_sparse(window: int) -> None:
     q, k, v = make_qkv(4, 2, 32, 141, 141, seed=window)
     for kind in ("dhsa", "block-sparse"):
-        cfg = AttentionConfig(kind=kind, budget=48, chunk_size=8, sinks=2)
+        cfg = AttentionConfig(observe=0, kind=kind, budget=48, chunk_size=8, sinks=2)
         b = dhsa.fixed_boundaries(141, 8)
         out, _, _ = run_sparse(q, k, v, b, cfg, window=window)
         assert rel_err(out, reference(q, k, v, cfg, b, window=window)) <= RTOL
@@ -197,7 +199,7 @@ def test_sparse_attention_with_window_and_block_sparse(window: int) -> None:
 def test_sparse_decode_and_query_suffix(hq: int, hkv: int, softcap: float | None) -> None:
     d, length = 32, 203
     q, k, v = make_qkv(hq, hkv, d, length, length, seed=7)
-    cfg = AttentionConfig(kind="dhsa", budget=48, chunk_size=8, sinks=4, min_chunk=3, max_chunk=19)
+    cfg = AttentionConfig(observe=0, kind="dhsa", budget=48, chunk_size=8, sinks=4, min_chunk=3, max_chunk=19)
     for b in (dhsa.fixed_boundaries(length, 8), variable_boundaries(length, 3, 19, seed=1)):
         for lq in (1, 29):
             qq = q[:, length - lq :]
@@ -208,7 +210,7 @@ def test_sparse_decode_and_query_suffix(hq: int, hkv: int, softcap: float | None
 def test_budget_at_least_length_equals_dense() -> None:
     d, length = 32, 133
     q, k, v = make_qkv(4, 1, d, length, length, seed=3)
-    cfg = AttentionConfig(kind="dhsa", budget=length, chunk_size=8, sinks=4)
+    cfg = AttentionConfig(observe=0, kind="dhsa", budget=length, chunk_size=8, sinks=4)
     dense = dhsa.dense_attention(q[None].double(), k[None].double(), v[None].double(), 1 / math.sqrt(d))[0]
     for b in (dhsa.fixed_boundaries(length, 8), variable_boundaries(length, 4, 16, seed=2)):
         out, sel, nsel = run_sparse(q, k, v, b, cfg)
@@ -247,7 +249,7 @@ def test_dense_decode_and_suffix(window: int | None) -> None:
 def test_head_dim_256_default_model_shape() -> None:
     """The default model's global layer: Hq=4, Hkv=1, D=256, chunk 32, sinks 4."""
     q, k, v = make_qkv(4, 1, 256, 301, 301, seed=11)
-    cfg = AttentionConfig(kind="dhsa", budget=128, chunk_size=32, sinks=4)
+    cfg = AttentionConfig(observe=0, kind="dhsa", budget=128, chunk_size=32, sinks=4)
     b = dhsa.fixed_boundaries(301, 32)
     out, _, _ = run_sparse(q, k, v, b, cfg)
     assert rel_err(out, reference(q, k, v, cfg, b)) <= RTOL
@@ -258,7 +260,7 @@ def test_head_dim_256_default_model_shape() -> None:
 def test_no_out_of_bounds_reads_on_large_tensors() -> None:
     """Regression: a vectorised Select once read q past its end (rows of a partial tile), which
     segfaulted once q was a large, separately mapped tensor; 1024 tokens x D=256 is such a one."""
-    cfg = AttentionConfig(kind="dhsa", budget=256, chunk_size=32, sinks=4)
+    cfg = AttentionConfig(observe=0, kind="dhsa", budget=256, chunk_size=32, sinks=4)
     for length in (200, 1021):
         q, k, v = make_qkv(4, 1, 256, length, length, seed=length)
         b = dhsa.fixed_boundaries(length, 32)
@@ -286,7 +288,7 @@ def test_run_layer_batch_and_numpy() -> None:
     q = torch.randn(2, 4, 90, 32, generator=g)
     k = torch.randn(2, 2, 90, 32, generator=g)
     v = torch.randn(2, 2, 90, 32, generator=g)
-    cfg = AttentionConfig(kind="dhsa", budget=40, chunk_size=8, sinks=4)
+    cfg = AttentionConfig(observe=0, kind="dhsa", budget=40, chunk_size=8, sinks=4)
     times = registry.LayerTimes()
     out = registry.run_layer(q, k, v, cfg, times=times)
     ref = dhsa.attention(q.double(), k.double(), v.double(), cfg)

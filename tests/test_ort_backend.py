@@ -107,8 +107,12 @@ def test_budget_at_least_length_equals_dense(tiny_loaded, export_dir, prompt):
 
 
 def test_chunked_prefill_equals_one_shot(tiny_loaded, export_dir, prompt):
-    """Several append() calls = one (splits on chunk boundaries, so DHSA's query chunks are the same)."""
-    session = open_session(_export(tiny_loaded, export_dir, SMALL, "edgeattn"), kernels="tvm", threads=2)
+    """Several append() calls = one (splits on chunk boundaries, so DHSA's query chunks are the same).
+
+    Exactly so for the paper's selection (``observe=0``): the observation window is each call's last
+    queries, so with it a split prefill picks its vertical chunks per call (export/OPS.md)."""
+    paper = SMALL.with_(observe=0)
+    session = open_session(_export(tiny_loaded, export_dir, paper, "edgeattn"), kernels="tvm", threads=2)
     one_shot = session.append(prompt)
     after = session.append([7])
     session.reset()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgeattn import dhsa
-from edgeattn.config import AttentionConfig
+from edgeattn.config import AttentionConfig, ConfigError
 from edgeattn.kernels_tvm import registry
 
 
@@ -39,7 +39,7 @@ def _kernel_lists(sel: np.ndarray, nsel: np.ndarray) -> list[list[list[int]]]:
 def test_local_band_ranks_first_and_costs_budget() -> None:
     q, k, _ = _qkv(4, 2, 96, 96)
     b = dhsa.fixed_boundaries(96, 8)
-    plain = AttentionConfig(budget=40, chunk_size=8, sinks=2)
+    plain = AttentionConfig(budget=40, chunk_size=8, sinks=2, observe=0)  # the band alone
     band = plain.with_(local=20)
     _, keep0 = dhsa.select_for(q, k, plain, b)
     _, keep1 = dhsa.select_for(q, k, band, b)
@@ -52,6 +52,30 @@ def test_local_band_ranks_first_and_costs_budget() -> None:
     # the band is charged: the kept set still fits the budget
     mask = dhsa.kept_token_mask(keep1, b, 96, 2)
     assert int(mask.sum(-1).max()) <= 40
+
+
+def test_vertical_chunks_keep_a_salient_key_the_means_bury() -> None:
+    """One key the last queries single out, in a chunk whose mean buries it: the observation window
+    pins its chunk, every later query chunk keeps it, and the kept sets still fit the budget."""
+    q, k, _ = _qkv(4, 1, 256, 256, seed=2, key_offset=1.0)
+    needle = 37  # in chunk 2 (chunks of 16)
+    k[0, 0, needle] = 3.0 * q[0, 0, -1]  # what the last query looks for
+    b = dhsa.fixed_boundaries(256, 16)
+    plain = AttentionConfig(budget=48, chunk_size=16, sinks=4, observe=0)
+    window = plain.with_(observe=16)
+    assert window.vertical_tokens == 24  # half the budget by default
+    with pytest.raises(ConfigError, match="vertical 64 exceeds the budget 48"):
+        window.with_(vertical=64)
+    pinned = dhsa.vertical_chunks(q, k, b, 16, window.vertical_tokens, 4)
+    assert pinned[0, 0, 2] and int(pinned.sum()) == 1  # 24 tokens hold one 16-token chunk
+    _, keep0 = dhsa.select_for(q, k, plain, b)
+    _, keep1 = dhsa.select_for(q, k, window, b)
+    assert not keep0[0, 0, -1, 2]  # the chunk means bury the key ...
+    assert keep1[0, 0, 3:, 2].all()  # ... the window keeps it for every query chunk after it
+    assert int(dhsa.kept_token_mask(keep1, b, 256, 4).sum(-1).max()) <= 48
+    # the window is the call's last queries: a decode step's window is its one query
+    _, keep_step = dhsa.select_for(q[:, :, -1:], k, window, b)
+    assert keep_step[0, 0, 0, 2]
 
 
 def test_default_chunk_is_16() -> None:
@@ -79,7 +103,12 @@ def test_oracle_selection_bounds_the_mass_of_dhsa() -> None:
 def test_budget_at_least_length_is_dense_with_every_option() -> None:
     q, k, v = _qkv(4, 2, 70, 70)
     dense = dhsa.dense_attention(q, k, v, 0.2)
-    for cfg in (AttentionConfig(budget=70), AttentionConfig(budget=70, local=32), AttentionConfig(budget=4096)):
+    for cfg in (
+        AttentionConfig(budget=70),
+        AttentionConfig(budget=70, local=32),
+        AttentionConfig(budget=70, observe=16),
+        AttentionConfig(budget=4096),
+    ):
         out = dhsa.attention(q, k, v, cfg, scaling=0.2)
         assert (out - dense).abs().max() < 1e-5
 
@@ -99,19 +128,22 @@ def test_banded_sliding_attention_equals_masked() -> None:
 # ---------------------------------------------------------------- CPU kernels (TVM, host LLVM)
 
 CPU_CASES = [
-    # (kind, lq, lk, chunk, budget, sinks, local)
-    ("dhsa", 200, 200, 16, 64, 4, 0),  # the default chunk, 2 query chunks per 32-query tile
-    ("dhsa", 200, 200, 16, 64, 4, 24),  # local band
-    ("block-sparse", 150, 150, 16, 48, 4, 16),
-    ("dhsa", 1, 190, 16, 64, 4, 24),  # decode
-    ("dhsa", 37, 190, 16, 64, 3, 40),  # a query suffix (chunked prefill)
+    # (kind, lq, lk, chunk, budget, sinks, local, observe)
+    ("dhsa", 200, 200, 16, 64, 4, 0, 0),  # the default chunk, 2 query chunks per 32-query tile
+    ("dhsa", 200, 200, 16, 64, 4, 24, 0),  # local band
+    ("block-sparse", 150, 150, 16, 48, 4, 16, 0),
+    ("dhsa", 1, 190, 16, 64, 4, 24, 0),  # decode
+    ("dhsa", 37, 190, 16, 64, 3, 40, 0),  # a query suffix (chunked prefill)
+    ("dhsa", 200, 200, 16, 64, 4, 0, 16),  # observation window
+    ("dhsa", 37, 190, 16, 64, 3, 24, 20),  # window + band on a suffix (the window spans two chunks)
+    ("dhsa", 1, 190, 16, 64, 4, 0, 16),  # decode: the window is the one query
 ]
 
 
-@pytest.mark.parametrize("kind,lq,lk,chunk,budget,sinks,local", CPU_CASES)
-def test_cpu_kernels_match_reference(kind, lq, lk, chunk, budget, sinks, local) -> None:
-    q, k, v = _qkv(4, 2, lq, lk, seed=lq + lk + local)
-    cfg = AttentionConfig(kind=kind, budget=budget, chunk_size=chunk, sinks=sinks, local=local)
+@pytest.mark.parametrize("kind,lq,lk,chunk,budget,sinks,local,observe", CPU_CASES)
+def test_cpu_kernels_match_reference(kind, lq, lk, chunk, budget, sinks, local, observe) -> None:
+    q, k, v = _qkv(4, 2, lq, lk, seed=lq + lk + local + observe)
+    cfg = AttentionConfig(kind=kind, budget=budget, chunk_size=chunk, sinks=sinks, local=local, observe=observe)
     b = dhsa.fixed_boundaries(lk, chunk)
     out, sels = registry.run_layer(q, k, v, cfg, b, scaling=0.2, return_selection=True)
     _, keep = dhsa.select_for(q, k, cfg, b)
@@ -176,15 +208,17 @@ def _opencl_problem() -> str | None:
 
 
 @pytest.mark.skipif(_opencl_problem() is not None, reason="no OpenCL device (PoCL) here")
-@pytest.mark.parametrize("q_len,local", [(None, 24), (1, 24), (9, 40)])
-def test_opencl_selection_with_local_band(q_len, local) -> None:
+@pytest.mark.parametrize("q_len,local,observe", [(None, 24, 0), (1, 24, 0), (9, 40, 0), (None, 0, 20), (1, 24, 16)])
+def test_opencl_selection_with_local_band(q_len, local, observe) -> None:
     from edgeattn.kernels_tvm import gpu_kernels
     from edgeattn.kernels_tvm import targets as T
     from edgeattn.kernels_tvm.abi import OP_SELECT
     from edgeattn.kernels_tvm.gpu_cases import make_case
     from edgeattn.kernels_tvm.gpu_opencl import OpenCLKernelRunner
 
-    case = make_case(4, 1, 16, 150, q_len=q_len, chunk=16, budget=64, sinks=4, seed=3, key_offset=1.0, local=local)
+    case = make_case(
+        4, 1, 16, 150, q_len=q_len, chunk=16, budget=64, sinks=4, seed=3, key_offset=1.0, local=local, observe=observe
+    )
     target = T.get_target("opencl-mali")
     runner = OpenCLKernelRunner(gpu_kernels.build(case.spec(OP_SELECT), target), target)
     out = runner(*case.args(OP_SELECT))
@@ -201,8 +235,8 @@ def test_cuda_selection_with_local_band_compiles(tmp_path) -> None:
     if gpu_cuda.nvcc_path() is None:
         pytest.skip("nvcc not installed (CUDA toolkit)")
     profile = T.get_profile("cuda-sm87")
-    spec = make_case(4, 1, 8, 40, local=16).spec(OP_SELECT).with_(head_dim=256)
-    assert spec.local == 16
+    spec = make_case(4, 1, 8, 40, local=16, observe=16).spec(OP_SELECT).with_(head_dim=256)
+    assert spec.local == 16 and spec.observe == 16 and spec.vertical == 16
     path = gpu_cuda.write_cuda_artifact(gpu_kernels.build(spec, profile.target()), profile, tmp_path, "select_band")
     assert path.suffix == ".ptx" and ".entry" in path.read_text()
 
@@ -245,14 +279,11 @@ def test_default_selection_answers_with_the_fact(real_model) -> None:
 
 
 @pytest.mark.real_model
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured 2026-12-01: at 10 % depth, global layer 11 ranks the needle's chunk 31st by DHSA's "
-    "score (4th by dense mass) and drops it at L/8 with chunks of 16 (CHUNKING.md); the issue's "
-    "every-layer requirement does not hold yet",
-)
 def test_default_selection_keeps_the_needle_in_every_global_layer(real_model) -> None:
-    """The issue's check: with the defaults DHSA keeps the needle's chunk in every global layer."""
+    """The issue's check: with the defaults DHSA keeps the needle's chunk in every global layer.
+
+    Without the observation window (``observe=0``, the paper's selection) it did not: at 10 % depth
+    global layer 11 ranked the needle's chunk 31st by score (4th by dense mass) and dropped it."""
     from edgeattn import models, needle
     from edgeattn.calibrate import capture
 
