@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, DEFAULT_OBSERVE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, set_threads, table, time_it, write_json  # noqa: E402
@@ -122,7 +122,8 @@ def decode_steps(sessions: dict[str, Any], first: int, steps: int, warmup: int) 
 
 
 def kept_kv_bytes(s: Any, cfg: Any, config: Any, elem: int) -> tuple[int, int]:
-    """K/V bytes the DHSA step read in its sparse layers (kept keys + index k̄) and the kept-key count."""
+    """K/V bytes the DHSA step read in its sparse layers (kept keys + index k̄, + every key with an
+    observation window, whose q·K pass reads them all) and the kept-key count."""
     from edgeattn import chunk_index as ci
 
     total, kept_max = 0, 0
@@ -130,11 +131,13 @@ def kept_kv_bytes(s: Any, cfg: Any, config: Any, elem: int) -> tuple[int, int]:
     for idx in s.index.layers.values():
         q = torch.zeros(1, config.num_attention_heads, 1, config.head_dim)
         q[:, :, 0] = idx.kbar()[:, :, -1].repeat_interleave(g, 1)  # a query like the recent keys
-        sel = idx.select(q, cfg)
+        sel = idx.select(q, cfg.with_(observe=0))  # the kept count; the window changes which chunks, not how many
         for h in range(config.num_key_value_heads):
             kept = ci.kept_positions(sel, idx, 0, h, cfg.sinks).numel()
             kept_max = max(kept_max, kept)
             total += 2 * kept * config.head_dim * elem + idx.closed * config.head_dim * 4
+            if cfg.vertical_tokens:
+                total += idx.length * config.head_dim * elem
     return total, kept_max
 
 
@@ -166,7 +169,7 @@ def attention_only(k: torch.Tensor, v: torch.Tensor, cfg: Any, kernels: str, rep
         t0 = time.perf_counter()
         with ci.one_torch_thread():  # as IndexState.attend runs it
             idx.append(kn)
-            sel = idx.select(q, cfg)
+            sel = idx.select(q, cfg, kn)
             ta = time.perf_counter()
             if kernels == "tvm":
                 ci.attend_tvm(q, kn, vn, idx, sel, cfg, scale)
@@ -200,7 +203,7 @@ def synthetic(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The attention-only rows on random keys (with a shared component, as real keys have)."""
     from edgeattn.config import AttentionConfig
 
-    cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=args.chunk_size)
+    cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=args.chunk_size, observe=args.observe)
     print(header(f"Decode attention, synthetic K/V: dense vs DHSA (budget {args.budget})", args.threads))
     records = []
     g = torch.Generator().manual_seed(0)
@@ -214,6 +217,7 @@ def synthetic(args: argparse.Namespace, argv: list[str] | None) -> int:
             print(table([rec], [c for c in COLUMNS if c[0] in rec]), flush=True)
     if args.json:
         meta = {"threads": args.threads, "budget": args.budget, "chunk_size": args.chunk_size, "kv": "synthetic"}
+        meta["observe"] = args.observe
         meta["command"] = "benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_json(args.json, records, meta)
         print(f"wrote {args.json}")
@@ -225,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", default="4K,16K,32K", help="cached tokens before the timed steps, e.g. 4K,16K,32K")
     ap.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
     ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    ap.add_argument(
+        "--observe",
+        type=int,
+        default=DEFAULT_OBSERVE,
+        help="DHSA observation window (0: the paper's selection; a step's window is its one query, whose q·K "
+        "pass over the whole cache it adds)",
+    )
     ap.add_argument("--kernels", default="tvm,reference", help="comma list of tvm, reference")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps per row (median reported)")
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = models.load()
     config = loaded.model.config
     dense_cfg = AttentionConfig(kind="dense")
-    dhsa_cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=args.chunk_size)
+    dhsa_cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=args.chunk_size, observe=args.observe)
     gl = models.global_layers(config)
     elem = next(loaded.model.parameters()).element_size()
     wbytes = weight_bytes(loaded.model)
@@ -264,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": loaded.name,
         "budget": args.budget,
         "chunk_size": args.chunk_size,
+        "observe": args.observe,
         "weights_bytes": wbytes,
         "command": "benchmarks/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

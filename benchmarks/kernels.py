@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE  # noqa: E402
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, DEFAULT_OBSERVE  # noqa: E402
 
 HQ, HKV, D = 4, 1, 256
 SINKS = 4
@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="DHSA token budget N_b")
     p.add_argument(
         "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DHSA chunk length (default: the operator's)"
+    )
+    p.add_argument(
+        "--observe",
+        type=int,
+        default=DEFAULT_OBSERVE,
+        help="DHSA observation window: the last queries whose exact scores pick vertical chunks (0: off; "
+        "default: the operator's)",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=0, help="timed runs per point (default: 3 up to 8K, 1 above)")
@@ -153,10 +160,13 @@ class Bench:
         for x in self.impls:
             if x not in IMPLS:
                 raise SystemExit(f"unknown implementation {x!r}; choose from {', '.join(IMPLS)}")
-        self.cfg = AttentionConfig(kind="dhsa", budget=args.budget, chunk_size=args.chunk_size, sinks=SINKS)
+        self.cfg = AttentionConfig(
+            kind="dhsa", budget=args.budget, chunk_size=args.chunk_size, sinks=SINKS, observe=args.observe
+        )
         self.target = registry.host_target()
         common = dict(heads_q=HQ, heads_kv=HKV, head_dim=D)
-        self.sel_k = registry.get_kernel(OP_SELECT, self.target, budget=args.budget, sinks=SINKS, **common)
+        window = dict(observe=self.cfg.observe, vertical=self.cfg.vertical_tokens)
+        self.sel_k = registry.get_kernel(OP_SELECT, self.target, budget=args.budget, sinks=SINKS, **window, **common)
         tile = registry.query_tile_for([0, args.chunk_size])  # the schedule hint run_layer gives
         self.sparse_k = registry.get_kernel(OP_SPARSE, self.target, sinks=SINKS, query_tile=tile, **common)
         self.dense_k = registry.get_kernel(OP_DENSE, self.target, **common)
@@ -212,7 +222,7 @@ class Bench:
                 impl=impl, length=length, latency_s=lat, min_s=min(times), times_s=times,
                 cpu_s=cpu_s, cpu_util=cpu_s / (sum(times) * threads), gflops=flops / lat / 1e9,
                 peak_extra_mib=mem.extra / MIB, threads=threads, budget=args.budget, heads_q=HQ, heads_kv=HKV,
-                head_dim=D, chunk=args.chunk_size, sinks=SINKS, flops=flops,
+                head_dim=D, chunk=args.chunk_size, sinks=SINKS, observe=args.observe, flops=flops,
                 gflops_cpu=flops * len(times) / cpu_s / 1e9,
             )  # fmt: skip
             return rows[impl]
@@ -380,7 +390,7 @@ def main(argv=None) -> int:
     print(
         C.header(
             f"Attention kernels, Hq={HQ} Hkv={HKV} D={D}, causal prefill, DHSA budget {args.budget}, "
-            f"chunk {args.chunk_size}, sinks {SINKS}",
+            f"chunk {args.chunk_size}, sinks {SINKS}, observation window {args.observe}",
             threads,
         )
     )

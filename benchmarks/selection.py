@@ -15,7 +15,9 @@ for each selection variant and budget (fractions of the prompt length L):
 
 Variants (``--variants``): ``dhsa-N`` / ``block-N`` (fixed chunks / blocks of N), ``dhsa-shift``,
 ``dhsa-predictor`` (adaptive, min/max from the defaults), a ``+localT`` suffix adds a band of T recent
-keys always kept (``AttentionConfig.local``).  ``dense`` is always run.
+keys always kept (``AttentionConfig.local``), a ``+obsW`` suffix the observation window of the last W
+queries (``AttentionConfig.observe``; without it a variant is the paper's selection, chunk means
+only).  ``dense`` is always run.
 
 Sliding-window layers run banded (O(L·window), ``edgeattn.dhsa.banded_attention``) instead of
 transformers' L×L mask, which is what makes 16K-32K prompts affordable here; the result is the same
@@ -56,36 +58,43 @@ class Variant:
     chunking: str  # fixed | shift | predictor
     chunk: int
     local: int = 0
+    observe: int = 0
 
     def config(self, budget: int, sinks: int) -> Any:
         """The variant at ``budget``, raised to the least budget it accepts (own chunk + sinks + band)."""
         from edgeattn.config import AttentionConfig
 
         cfg = AttentionConfig(kind=self.kind, budget=1 << 30, chunk_size=self.chunk, sinks=sinks,
-                              chunking=self.chunking, local=self.local)  # fmt: skip
+                              chunking=self.chunking, local=self.local, observe=self.observe)  # fmt: skip
         return cfg.with_(budget=max(budget, cfg.largest_chunk + sinks + self.local))
 
 
 def parse_variant(name: str) -> Variant:
-    """``dhsa-16``, ``block-32``, ``dhsa-shift``, ``dhsa-predictor``, any of them ``+local64``."""
+    """``dhsa-16``, ``block-32``, ``dhsa-shift``, ``dhsa-predictor``, any of them ``+local64``, ``+obs16``."""
     from edgeattn.config import DEFAULT_CHUNK_SIZE
 
-    base, _, extra = name.partition("+")
-    local = 0
-    if extra:
-        if not extra.startswith("local") or not extra[5:].isdigit():
-            raise SystemExit(f"error: variant {name!r}: the suffix must be +localT (T tokens), e.g. dhsa-16+local64")
-        local = int(extra[5:])
+    base, *extras = name.split("+")
+    opts = {"local": 0, "obs": 0}
+    for extra in extras:
+        key = extra.rstrip("0123456789")
+        if key not in opts or key == extra:
+            raise SystemExit(
+                f"error: variant {name!r}: a suffix must be +localT or +obsW (tokens), e.g. dhsa-16+local64+obs16"
+            )
+        opts[key] = int(extra[len(key) :])
+    local, observe = opts["local"], opts["obs"]
     kind, _, rest = base.partition("-")
     if kind not in ("dhsa", "block"):
         raise SystemExit(f"error: variant {name!r} must start with dhsa- or block-")
     if rest in ("shift", "predictor"):
         if kind != "dhsa":
             raise SystemExit(f"error: variant {name!r}: block-sparse uses fixed blocks only")
-        return Variant(name, "dhsa", rest, DEFAULT_CHUNK_SIZE, local)
+        return Variant(name, "dhsa", rest, DEFAULT_CHUNK_SIZE, local, observe)
     if not rest.isdigit() or int(rest) < 1:
         raise SystemExit(f"error: variant {name!r}: expected a chunk length after the dash, e.g. {kind}-16")
-    return Variant(name, "dhsa" if kind == "dhsa" else "block-sparse", "fixed", int(rest), local)
+    if observe and kind != "dhsa":
+        raise SystemExit(f"error: variant {name!r}: the observation window is DHSA's (block-sparse is the baseline)")
+    return Variant(name, "dhsa" if kind == "dhsa" else "block-sparse", "fixed", int(rest), local, observe)
 
 
 # ----------------------------------------------------------------- model runs
@@ -319,6 +328,7 @@ def summary(result: dict[str, Any]) -> str:
                 chunk=f"{statistics.mean(r['length'] / r['chunks'] for r in rr):.1f}",
                 kept_layers=f"{sum(r['kept'] for r in rr)}/{len(rr)}",
                 kept_all=f"{all_layers}/{len(prompts)}",
+                pinned=f"{sum(r.get('pinned', False) for r in rr)}/{len(rr)}",
                 rank_score=statistics.median(r["rank_score"] for r in rr),
                 rank_mass=statistics.median(r["rank_mass"] for r in rr),
                 mass=statistics.mean(mm) if mm else None,
@@ -328,7 +338,7 @@ def summary(result: dict[str, Any]) -> str:
     cols = [
         ("variant", "variant"), ("budget", "budget"), ("chunk", "mean chunk"),
         ("kept_layers", "needle kept (layers)"), ("kept_all", "kept in all layers"),
-        ("rank_score", "median rank by score"), ("rank_mass", "median rank by mass"),
+        ("pinned", "pinned by window"), ("rank_score", "median rank by score"), ("rank_mass", "median rank by mass"),
         ("mass", "mass kept"), ("niah", "NIAH hits"),
     ]  # fmt: skip
     for var, bud in dict.fromkeys((m["variant"], m["budget"]) for m in result["mass"]):

@@ -25,8 +25,10 @@ from edgeattn.config import (
     DEFAULT_MAX_CHUNK,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MIN_CHUNK,
+    DEFAULT_OBSERVE,
     DEFAULT_PROMPT_TOKENS,
     DEFAULT_SINKS,
+    OBSERVE_HELP,
     AttentionConfig,
     ConfigError,
     resolve_threads,
@@ -135,6 +137,7 @@ def run(
     ] = DEFAULT_BUDGET,
     chunk_size: Annotated[int, typer.Option(help="Fixed chunk / block length in tokens.")] = DEFAULT_CHUNK_SIZE,
     sinks: Annotated[int, typer.Option(help="First tokens every query keeps (attention sinks).")] = DEFAULT_SINKS,
+    observe: Annotated[int, typer.Option(min=0, help=OBSERVE_HELP)] = DEFAULT_OBSERVE,
     chunking: Annotated[
         str, typer.Option(help="Boundary source for DHSA: fixed, shift or predictor.")
     ] = DEFAULT_CHUNKING,
@@ -226,6 +229,7 @@ def run(
             chunking=chunking,  # type: ignore[arg-type]
             min_chunk=min_chunk,
             max_chunk=max_chunk,
+            observe=observe,
         )
         for k in parse_kinds(attention)
     ]

@@ -31,7 +31,10 @@ that every backend shares:
   exactly those.  The call's last ``observe`` queries score every key (O(observe·L·D)), and the
   chunks holding their largest q·k take up to ``vertical`` tokens of the budget in every query
   chunk's selection (:func:`vertical_chunks`).  With fixed chunks this is what makes DHSA differ
-  from block-sparse, and what finds needles the chunk means lose (CHUNKING.md).
+  from block-sparse, and what finds needles the chunk means lose (CHUNKING.md).  Two things it
+  gives up: the window is per call, so a prefill split into calls (chunked prefill) pins per
+  call and equals one-shot prefill only with ``observe=0``; and its max over several queries is
+  not blind to a vector added to every key, as the chunk scores are.
 
 Queries may be a suffix of the keys (decode with a KV cache): query ``i`` sits
 at absolute position ``k_len - q_len + i``.

@@ -13,7 +13,9 @@ from edgeattn.config import (
     CHUNKING_KINDS,
     DEFAULT_BUDGET,
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_OBSERVE,
     DEFAULT_SINKS,
+    OBSERVE_HELP,
     AttentionConfig,
     ConfigError,
 )
@@ -73,6 +75,7 @@ def export_command(
     sinks: Annotated[
         int, typer.Option(help="Attention sinks: the first tokens, kept for every query.")
     ] = DEFAULT_SINKS,
+    observe: Annotated[int, typer.Option(min=0, help=OBSERVE_HELP)] = DEFAULT_OBSERVE,
     chunking: Annotated[
         str,
         typer.Option(
@@ -129,7 +132,9 @@ def export_command(
             raise ConfigError(f"--attention {attention!r} is unknown; choose one of {', '.join(ATTENTION_KINDS)}")
         if chunking not in CHUNKING_KINDS:
             raise ConfigError(f"--chunking {chunking!r} is unknown; choose one of {', '.join(CHUNKING_KINDS)}")
-        cfg = AttentionConfig(kind=attention, budget=budget, chunk_size=chunk_size, sinks=sinks, chunking=chunking)
+        cfg = AttentionConfig(
+            kind=attention, budget=budget, chunk_size=chunk_size, sinks=sinks, chunking=chunking, observe=observe
+        )
         result, loaded = export_model(model, output, cfg, layers, dtype, all_logits, force, external_data, dense_op)
         checks = []
         if verify:

@@ -28,6 +28,7 @@ from edgeattn.config import (
 MODE_NAMES: tuple[str, ...] = (
     "dense",
     "dhsa",
+    "dhsa-paper",
     "dhsa-shift",
     "dhsa-predictor",
     "block-sparse",
@@ -36,7 +37,8 @@ MODE_NAMES: tuple[str, ...] = (
 )
 ALL_MODES = ",".join(MODE_NAMES)
 MODE_HELP = (
-    "dense; dhsa (fixed chunks), dhsa-shift, dhsa-predictor (adaptive chunks); block-sparse (fixed blocks, "
+    "dense; dhsa (fixed chunks), dhsa-paper (fixed chunks, no observation window: chunk means only), dhsa-shift, "
+    "dhsa-predictor (adaptive chunks); block-sparse (fixed blocks, "
     "plain means); window (a sliding window of the budget, 'local only'); sinks-window (StreamingLLM: sinks + window)"
 )
 
@@ -85,6 +87,8 @@ def make_mode(
             min_chunk=min_chunk, max_chunk=max_chunk,
         )  # fmt: skip
         return Mode("dhsa" if chunking == "fixed" else name, cfg)
+    if name == "dhsa-paper":  # the paper's selection: chunk means only, no observation window
+        return Mode(name, AttentionConfig(kind="dhsa", budget=budget, chunk_size=chunk, sinks=sinks, observe=0))
     if name == "block-sparse":
         return Mode(name, AttentionConfig(kind="block-sparse", budget=budget, chunk_size=chunk, sinks=sinks))
     if name == "window":
