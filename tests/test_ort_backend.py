@@ -48,7 +48,7 @@ def prompt() -> list[int]:
 
 
 def _export(loaded, folder: Path, cfg: AttentionConfig, dense_op: str = "onnx") -> Path:
-    path = folder / f"{loaded.family}-{cfg.kind}-{cfg.budget}-{dense_op}.onnx"
+    path = folder / f"{loaded.family}-{cfg.kind}-{cfg.budget}-obs{cfg.observe}-{dense_op}.onnx"
     if not path.exists():
         export_loaded(loaded, path, cfg, dense_op=dense_op)
     return path
