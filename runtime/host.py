@@ -133,6 +133,7 @@ def run_on_host(
         budget=req.configs[0].budget if req.configs else None,
         chunk_size=req.configs[0].chunk_size if req.configs else None,
         chunking=req.configs[0].chunking if req.configs else None,
+        observe=req.configs[0].observe if req.configs else None,
         kernels=req.kernels,
         layers=req.layers,
     )
@@ -302,6 +303,7 @@ def _prepare_file_run(req: RunRequest, path: Path, described: dict[str, Any], ba
         budget=attention.get("budget"),
         chunk_size=attention.get("chunk_size"),
         chunking=attention.get("chunking"),
+        observe=attention.get("observe"),
         kernels=kernels,
     )
     return hf_config, fp, tokenizer, ids, attention, header

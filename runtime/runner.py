@@ -167,6 +167,8 @@ def format_table(header: dict[str, Any], results: list[RunResult]) -> str:
         f"model {header['model']} | CPU {header['cpu']} | {header['threads']} threads | budget {header.get('budget')}"
         f" | chunk {header.get('chunk_size')} ({header.get('chunking')})"
     )
+    if header.get("observe") is not None:  # None: an artifact whose manifest predates the option
+        head += f" | window {header['observe']}" if header["observe"] else " | no window (paper's selection)"
     if header.get("memory_budget_mib"):
         head += f" | memory budget {header['memory_budget_mib']} MiB"
     lines = [head, ""]
