@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edgeattn import dhsa
 from edgeattn.config import AttentionConfig, ConfigError
 
 # ------------------------------------------------------------------ chunking rules
@@ -372,10 +373,8 @@ class ChunkIndex:
                 raise ValueError("an observation window (observe > 0) needs the cached keys to select")
             scores.masked_fill_(self._vertical(q, keys, own, charge, cfg.vertical_tokens), float("inf"))
         remaining = cfg.budget - own_len - min(own_start, cfg.sinks)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        fits = charge[order].cumsum(-1) <= remaining
         keep = torch.empty(b, hkv, own + 1, dtype=torch.bool)
-        keep[:, :, :own].scatter_(-1, order, fits)  # order is a permutation: every entry is written
+        keep[:, :, :own] = dhsa.greedy_prefix(scores, charge, remaining)
         keep[:, :, own] = True
         return Selection(keep=keep, own=own, own_start=own_start, length=length)
 
@@ -403,9 +402,7 @@ class ChunkIndex:
         best = (keys[:, :, :end].float() @ qg.transpose(-1, -2)).amax(-1)  # [B, H, end]
         chunk_of = torch.repeat_interleave(torch.arange(own), self._lens[:own].long()).expand(b, hkv, end)
         score = torch.full((b, hkv, own), float("-inf")).scatter_reduce(-1, chunk_of, best, "amax")
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-        fits = charge[order].cumsum(-1) <= tokens
-        return torch.zeros_like(fits).scatter(-1, order, fits)
+        return dhsa.greedy_prefix(score, charge, tokens)
 
     def kernel_boundaries(self) -> torch.Tensor:
         """int32 boundaries [Nc + 1] of every chunk (open one included) for the TVM kernels: a view."""

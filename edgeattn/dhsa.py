@@ -213,6 +213,14 @@ def query_boundaries(k_boundaries: torch.Tensor, q_len: int, k_len: int) -> torc
     return torch.cat([zero, inner, end])
 
 
+def greedy_prefix(score: torch.Tensor, charge: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Bool mask of the entries kept when taken in descending ``score`` order (ties: lower index)
+    while their running ``charge`` fits ``tokens``: the budget rule every selection shares."""
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    fits = charge[order].cumsum(-1) <= tokens
+    return torch.zeros_like(fits).scatter(-1, order, fits)
+
+
 def vertical_chunks(
     q: torch.Tensor, k: torch.Tensor, k_boundaries: torch.Tensor, observe: int, tokens: int, sinks: int
 ) -> torch.Tensor:
@@ -245,9 +253,7 @@ def vertical_chunks(
     score = score.scatter_reduce(-1, kc[:end].expand(b, hkv, end), best, "amax")
     starts, ends = k_boundaries[:limit], k_boundaries[1 : limit + 1]
     charge = ends - starts - (ends.clamp(max=sinks) - starts.clamp(max=sinks)).clamp(min=0)
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    fits = charge[order].cumsum(-1) <= tokens
-    pinned[..., :limit] = torch.zeros_like(fits).scatter(-1, order, fits)
+    pinned[..., :limit] = greedy_prefix(score, charge, tokens)
     return pinned
 
 
