@@ -20,6 +20,7 @@ from edgeattn.config import (
     ConfigError,
 )
 from edgeattn.errors import EdgeAttnError
+from edgeattn.export.quantize import GROUP_HELP, WEIGHTS_HELP
 
 HELP = """Export a Gemma 2 / Gemma 3 model to ONNX with DHSA as custom ops.
 
@@ -46,6 +47,8 @@ Examples:
   edgeattn export -o dhsa-flash.onnx --dense-op edgeattn   # sliding/dense layers as DenseFlashAttention
 
   edgeattn export -o dense-gqa.onnx --attention dense --dense-op gqa   # ONNX Runtime's own GQA kernel
+
+  edgeattn export -o dhsa-int4.onnx --weights int4     # 4-bit weights (group 32): ~0.2x the bytes
 
   edgeattn export ./gemma-2-2b -o g2.onnx --budget 1024 --layers all --verify
 """
@@ -102,6 +105,8 @@ def export_command(
         ),
     ] = "onnx",
     dtype: Annotated[str, typer.Option(help="Weights and activations: float32 or float16.")] = "float32",
+    weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "fp32",
+    group_size: Annotated[int | None, typer.Option(help=GROUP_HELP, show_default=False)] = None,
     all_logits: Annotated[
         bool, typer.Option("--all-logits", help="Output logits of every position, not only the last.")
     ] = False,
@@ -126,6 +131,7 @@ def export_command(
 ) -> None:
     """Export a Gemma 2 / Gemma 3 model to ONNX with DHSA as ai.edgeattn custom ops."""
     from edgeattn.export.exporter import export_model
+    from edgeattn.export.quantize import weight_format
 
     try:
         if attention not in ATTENTION_KINDS:
@@ -135,7 +141,10 @@ def export_command(
         cfg = AttentionConfig(
             kind=attention, budget=budget, chunk_size=chunk_size, sinks=sinks, chunking=chunking, observe=observe
         )
-        result, loaded = export_model(model, output, cfg, layers, dtype, all_logits, force, external_data, dense_op)
+        fmt = weight_format(weights, group_size)
+        result, loaded = export_model(
+            model, output, cfg, layers, dtype, all_logits, force, external_data, dense_op, weights=fmt
+        )
         checks = []
         if verify:
             from edgeattn.export.exporter import log
@@ -153,12 +162,15 @@ def export_command(
             "external_data": str(result.data_path) if result.data_path else None,
             "sparse_layers": result.sparse_layers,
             "seconds": round(result.seconds, 2),
+            "weights": result.manifest["onnx"]["weights"],
+            "weight_bytes": result.manifest["onnx"]["weight_bytes"],
             "verify": [c.to_dict() for c in checks],
         }
         typer.echo(json.dumps(payload, indent=2))
         return
     typer.echo(
-        f"wrote {result.onnx_path} ({cfg.kind if result.sparse_layers else 'dense'}; manifest {result.manifest_path})"
+        f"wrote {result.onnx_path} ({cfg.kind if result.sparse_layers else 'dense'}, weights {fmt.label}: "
+        f"{result.manifest['onnx']['weight_bytes'] / 2**20:.1f} MiB; manifest {result.manifest_path})"
     )
     for c in checks:
         typer.echo(c.line())

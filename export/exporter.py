@@ -19,6 +19,7 @@ from typing import Any
 
 from edgeattn.config import AttentionConfig, ConfigError
 from edgeattn.errors import EdgeAttnError
+from edgeattn.export.quantize import WeightFormat
 
 # Protobuf cannot serialize a message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -115,6 +116,34 @@ def layer_table(facts: Any, cfg: AttentionConfig, sparse: list[int], dense_op: s
     return rows
 
 
+def resolve_dtype(dtype: str, weights: WeightFormat) -> str:
+    """The graph's float type for ``weights``: fp16 weights compute in float16, int8/int4 in float32."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if weights.kind == "fp16":
+        return "float16"
+    if weights.quantized and dtype != "float32":
+        raise ExportError(
+            f"--weights {weights.kind} takes float32 activations (ONNX Runtime's MatMulNBits with fp32 scales); "
+            "leave out --dtype float16, or use --weights fp16"
+        )
+    return dtype
+
+
+def precision_table(weights: WeightFormat, dtype: str, tied: bool) -> dict[str, str]:
+    """What precision each kind of tensor ends up in (the manifest's answer to "what did I get?")."""
+    dense = "float16" if dtype == "float16" else "float32"
+    stored = f"{weights.kind} (group {weights.group}, fp32 scales)" if weights.quantized else dense
+    return {
+        "linear": stored,
+        "embedding": stored + (" -- stored once, shared with the LM head" if tied else ""),
+        "lm_head": "the embedding table (tied)" if tied else stored,
+        "norms": "float32",
+        "activations": dense,
+        "kv_cache": dense,
+    }
+
+
 def export_loaded(
     loaded: Any,
     output: Path,
@@ -125,6 +154,7 @@ def export_loaded(
     force: bool = False,
     external_data: bool | None = None,
     dense_op: str = "onnx",
+    weights: WeightFormat | None = None,
 ) -> ExportResult:
     """Export an already loaded model (``edgeattn.models.LoadedModel`` or anything with .model/.name)."""
     import onnx
@@ -136,8 +166,8 @@ def export_loaded(
     output = Path(output)
     check_output(output, force)
     check_chunking(cfg)
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    weights = weights or (WeightFormat("fp16") if dtype == "float16" else WeightFormat())
+    dtype = resolve_dtype(dtype, weights)
     check_dense_op(dense_op)
     model = loaded.model
     facts = graph.model_facts(model)  # UnsupportedModelError for other architectures
@@ -149,8 +179,13 @@ def export_loaded(
         except ValueError as err:
             raise ExportError(str(err)) from err
 
-    log(f"writing the graph: {facts.family}, {facts.layers} layers, {cfg.kind} on layers {sparse or 'none'}, {dtype}")
-    spec = graph.GraphSpec(cfg=cfg, sparse_layers=sparse, dtype=dtype, all_logits=all_logits, dense_op=dense_op)
+    log(
+        f"writing the graph: {facts.family}, {facts.layers} layers, {cfg.kind} on layers {sparse or 'none'}, "
+        f"weights {weights.label}" + (" (quantizing)" if weights.quantized else "")
+    )
+    spec = graph.GraphSpec(
+        cfg=cfg, sparse_layers=sparse, dtype=dtype, all_logits=all_logits, dense_op=dense_op, weights=weights
+    )
     try:
         proto = graph.build_onnx(model, spec)
     except EdgeAttnError:
@@ -162,6 +197,7 @@ def export_loaded(
         ) from err
 
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    tied = "lm_head.weight" not in model.state_dict() or bool(getattr(model.config, "tie_word_embeddings", False))
     use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
     parent = output.parent if str(output.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
@@ -191,6 +227,9 @@ def export_loaded(
             "opset": graph.OPSET,
             "ir_version": 10,
             "dtype": dtype,
+            "weights": weights.to_dict(),
+            "weight_bytes": weight_bytes,
+            "precision": precision_table(weights, dtype, tied),
             "custom_domain": ops.DOMAIN if sparse or dense_op == "edgeattn" else None,
             "custom_ops": ([ops.OP_SELECT, ops.OP_SPARSE] if sparse else [])
             + ([ops.OP_DENSE] if dense_op == "edgeattn" else []),
@@ -252,6 +291,7 @@ def export_model(
     force: bool = False,
     external_data: bool | None = None,
     dense_op: str = "onnx",
+    weights: WeightFormat | None = None,
 ) -> tuple[ExportResult, Any]:
     """Load ``model`` (default: the built-in Gemma 3 270M) and export it; returns (result, loaded model)."""
     from edgeattn import models
@@ -259,9 +299,12 @@ def export_model(
     check_output(Path(output), force)
     check_chunking(cfg)
     check_dense_op(dense_op)
+    resolve_dtype(dtype, weights or WeightFormat())
     log(f"loading {model or models.DEFAULT_MODEL}")
     loaded = models.load(model)
-    result = export_loaded(loaded, Path(output), cfg, layers, dtype, all_logits, force, external_data, dense_op)
+    result = export_loaded(
+        loaded, Path(output), cfg, layers, dtype, all_logits, force, external_data, dense_op, weights=weights
+    )
     return result, loaded
 
 

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 
 from edgeattn.config import AttentionConfig
 from edgeattn.errors import UnsupportedModelError
-from edgeattn.export import ops
+from edgeattn.export import ops, quantize
 from edgeattn.export.onnx_builder import BOOL, FLOAT, INT32, INT64, OPSET, NodeBuilder
 
 SUPPORTED_FAMILIES = ("gemma2", "gemma3_text")
@@ -40,7 +40,7 @@ BOUNDARIES_INPUT = "dhsa_boundaries"
 #             attention; edgeattn's ort/tvm backends run the TVM dense flash kernel instead)
 #   gqa       ONNX Runtime's com.microsoft GroupQueryAttention (ORT only: its best dense baseline)
 DENSE_OPS = ("onnx", "edgeattn", "gqa")
-MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = quantize.MS_DOMAIN
 
 
 @dataclass
@@ -53,6 +53,7 @@ class GraphSpec:
     all_logits: bool = False
     boundaries_input: bool = False  # adaptive chunking: boundaries come in as a graph input
     dense_op: str = "onnx"  # one of DENSE_OPS: how the dense and sliding-window layers are written
+    weights: quantize.WeightFormat = field(default_factory=quantize.WeightFormat)  # int8/int4: MatMulNBits
 
 
 @dataclass
@@ -141,6 +142,12 @@ def model_facts(model: Any) -> ModelFacts:
     )
 
 
+@dataclass
+class _QuantizedWeight:
+    inputs: list[str]  # MatMulNBits' B, scales (and zero points) initializers
+    q: quantize.BlockQuantized
+
+
 class _GemmaWriter:
     def __init__(self, model: Any, facts: ModelFacts, spec: GraphSpec) -> None:
         self.model = model
@@ -150,15 +157,82 @@ class _GemmaWriter:
         self.dt = _ONNX_DTYPES[spec.dtype]
         self.np_dt = _NP_DTYPES[spec.dtype]
         self.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self._quantized: dict[str, _QuantizedWeight] = {}
+        self._written: set[str] = set()
 
     # ---- weights
     def weight(self, key: str, transpose: bool = False, plus_one: bool = False) -> str:
+        """The initializer of ``key`` (written once: the tied table serves the lookup and the LM head)."""
+        if key in self._written:
+            return key
+        self._written.add(key)
         w = self.state[key].float().numpy()
         if plus_one:  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in (computed in float32, as HF does)
             return self.nb.initializer(key, (w + 1.0).astype(np.float32))
         if transpose:
             w = w.T
         return self.nb.initializer(key, w.astype(self.np_dt))
+
+    def linear(self, x: str, key: str) -> str:
+        """x @ W.T for the Linear weight ``key`` [N, K]: MatMul, or MatMulNBits on quantized weights."""
+        if not self.spec.weights.quantized:
+            return self.nb.op("MatMul", x, self.weight(key, transpose=True))
+        return self.matmul_nbits(x, self.quantized(key))
+
+    def quantized(self, key: str) -> _QuantizedWeight:
+        """The packed weight of ``key`` as initializers (once per key: the tied table is shared)."""
+        if key not in self._quantized:
+            q = quantize.quantize_rows(self.state[key].float().numpy(), self.spec.weights)
+            names = [self.nb.initializer(f"{key}.q{q.bits}", q.packed), self.nb.initializer(f"{key}.scales", q.scales)]
+            if q.zero_points is not None:
+                names.append(self.nb.initializer(f"{key}.zero_points", q.zero_points))
+            self._quantized[key] = _QuantizedWeight(names, q)
+        return self._quantized[key]
+
+    def matmul_nbits(self, x: str, weight: _QuantizedWeight) -> str:
+        q = weight.q
+        return self.nb.op(
+            "MatMulNBits",
+            x,
+            *weight.inputs,
+            domain=MS_DOMAIN,
+            K=q.k,
+            N=q.n,
+            bits=q.bits,
+            block_size=q.group,
+            accuracy_level=quantize.ACCURACY_LEVEL,
+        )
+
+    def embedding(self, ids: str) -> str:
+        """Rows of the embedding table for ``ids`` [B, S] -> [B, S, H] (before Gemma's sqrt(H) scale)."""
+        nb = self.nb
+        key = "model.embed_tokens.weight"
+        if not self.spec.weights.quantized:
+            return nb.op("Gather", self.weight(key), ids, axis=0)
+        weight = self.quantized(key)
+        packed, scales, q = weight.inputs[0], weight.inputs[1], weight.q
+        # the packed table [V, k_blocks, blob] is the LM head's MatMulNBits weight too; the lookup
+        # dequantizes one block per step along its last axis, so its scales are [V, k_blocks, 1]
+        # its zero points (int4) are one per block, [V, k_blocks, 1]: unpacked, unlike MatMulNBits'
+        zero_points = []
+        if q.zero_points is not None:
+            zero_points = [nb.initializer(f"{key}.block_zero_points", q.block_zero_points()[:, :, None])]
+        rows = nb.op(
+            "GatherBlockQuantized",
+            packed,
+            ids,
+            nb.op("Reshape", scales, nb.i64(q.n, q.k_blocks, 1)),
+            *zero_points,
+            domain=MS_DOMAIN,
+            bits=q.bits,
+            block_size=q.group,
+            quantize_axis=2,
+            gather_axis=0,
+        )
+        h = nb.op("Reshape", rows, nb.i64(0, 0, -1))  # [B, S, k_blocks * group]
+        if q.k_blocks * q.group != q.k:  # the last block is padded with zeros: cut the padding
+            h = nb.op("Slice", h, nb.i64(0), nb.i64(q.k), nb.i64(2))
+        return h
 
     # ---- building blocks
     def rmsnorm(self, x: str, key: str) -> str:
@@ -241,8 +315,7 @@ class _GemmaWriter:
             inputs.append(helper.make_tensor_value_info(BOUNDARIES_INPUT, INT64, ["num_boundaries"]))
 
         # embeddings (the table is shared with the tied LM head)
-        emb_w = self.weight("model.embed_tokens.weight")
-        h = nb.op("Gather", emb_w, "input_ids", axis=0)
+        h = self.embedding("input_ids")
         h = nb.op("Mul", h, nb.op("CastLike", nb.const(f.embed_scale, np.float32), h), hint="embedded")
 
         # lengths, masks, positions: shared by all layers.  Every tensor is reshaped to a shape
@@ -290,9 +363,9 @@ class _GemmaWriter:
             lt = f.layer_types[i]
             window = f.sliding_window if lt == "sliding_attention" else None
             x = self.rmsnorm(h, p + "input_layernorm.weight")
-            q = self.heads(nb.op("MatMul", x, self.weight(p + "self_attn.q_proj.weight", True)), f.heads_q)
-            k = self.heads(nb.op("MatMul", x, self.weight(p + "self_attn.k_proj.weight", True)), f.heads_kv)
-            v = self.heads(nb.op("MatMul", x, self.weight(p + "self_attn.v_proj.weight", True)), f.heads_kv)
+            q = self.heads(self.linear(x, p + "self_attn.q_proj.weight"), f.heads_q)
+            k = self.heads(self.linear(x, p + "self_attn.k_proj.weight"), f.heads_kv)
+            v = self.heads(self.linear(x, p + "self_attn.v_proj.weight"), f.heads_kv)
             if f.qk_norm:
                 q = self.rmsnorm(q, p + "self_attn.q_norm.weight")
                 k = self.rmsnorm(k, p + "self_attn.k_norm.weight")
@@ -310,20 +383,23 @@ class _GemmaWriter:
                 else:
                     attn = self.dense_attention(q, k_all, v_all, masks[lt] if window else masks["full_attention"])
                 attn = nb.op("Reshape", nb.op("Transpose", attn, perm=[0, 2, 1, 3]), nb.i64(0, 0, -1))
-            attn = nb.op("MatMul", attn, self.weight(p + "self_attn.o_proj.weight", True))
+            attn = self.linear(attn, p + "self_attn.o_proj.weight")
             h = nb.op("Add", h, self.rmsnorm(attn, p + "post_attention_layernorm.weight"), hint=f"h{i}_attn")
             x = self.rmsnorm(h, p + "pre_feedforward_layernorm.weight")
-            gate = nb.op("MatMul", x, self.weight(p + "mlp.gate_proj.weight", True))
-            up = nb.op("MatMul", x, self.weight(p + "mlp.up_proj.weight", True))
-            mlp = nb.op("MatMul", nb.op("Mul", self.gelu_tanh(gate), up), self.weight(p + "mlp.down_proj.weight", True))
+            gate = self.linear(x, p + "mlp.gate_proj.weight")
+            up = self.linear(x, p + "mlp.up_proj.weight")
+            mlp = self.linear(nb.op("Mul", self.gelu_tanh(gate), up), p + "mlp.down_proj.weight")
             h = nb.op("Add", h, self.rmsnorm(mlp, p + "post_feedforward_layernorm.weight"), hint=f"h{i}")
 
         h = self.rmsnorm(h, "model.norm.weight")
         if not spec.all_logits:
             h = nb.op("Slice", h, nb.i64(-1), nb.i64(np.iinfo(np.int64).max), nb.i64(1), hint="last_hidden")
-        head = emb_w if self._tied() else self.weight("lm_head.weight")
+        head_key = "model.embed_tokens.weight" if self._tied() else "lm_head.weight"
         flat = nb.op("Reshape", h, nb.i64(-1, f.hidden))
-        logits = nb.op("Gemm", flat, head, transB=1)
+        if spec.weights.quantized:
+            logits = self.matmul_nbits(flat, self.quantized(head_key))
+        else:
+            logits = nb.op("Gemm", flat, self.weight(head_key), transB=1)
         out_shape = nb.op("Concat", nb.op("Slice", nb.op("Shape", h), nb.i64(0), nb.i64(2)), nb.i64(f.vocab), axis=0)
         if f.final_softcap:
             logits = self.softcap(nb.op("Reshape", logits, out_shape), f.final_softcap)
@@ -338,7 +414,7 @@ class _GemmaWriter:
             opsets.append(helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
             used = {n.op_type for n in nb.nodes if n.domain == ops.DOMAIN}
             functions = [fn for fn in ops.functions() if fn.name in used]  # the bodies of the ops in the file
-        if spec.dense_op == "gqa":
+        if spec.dense_op == "gqa" or spec.weights.quantized:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="edgeattn")
         model.ir_version = 10

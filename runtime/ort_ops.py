@@ -29,6 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeattn.export import ops as onnx_ops
+from edgeattn.export import quantize
 
 EDGEATTN_OPS = (onnx_ops.OP_SELECT, onnx_ops.OP_SPARSE, onnx_ops.OP_DENSE)
 
@@ -161,10 +162,23 @@ class _Step:
 def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Element type (and what shape inference knows) of every tensor, from a weight-less copy of the graph."""
     g = model.graph
+    init_types = {t.name: t.data_type for t in g.initializer}
+    nodes, placeholders = [], []
+    for node in g.node:  # onnx cannot type what follows a com.microsoft quantized op: a stand-in can
+        stand = quantize.stand_in(node)
+        if stand is None:
+            nodes.append(node)
+            continue
+        nodes.append(stand[0])
+        placeholders.append(
+            helper.make_tensor_value_info(stand[1], init_types.get(stand[2], onnx.TensorProto.FLOAT), None)
+        )
     light = helper.make_graph(
-        list(g.node),
+        nodes,
         g.name,
-        list(g.input) + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer],
+        list(g.input)
+        + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer]
+        + placeholders,
         list(g.output),
     )
     lm = helper.make_model(light, opset_imports=list(model.opset_import), functions=list(model.functions))
@@ -225,9 +239,14 @@ class SegmentedModel:
                         consumers.setdefault(name, set()).add(gi)
         graph_outputs = set(self.output_names)
         # initializers read by more than one segment (the tied embedding: lookup and LM head)
-        # are held once here and fed to each as an input (ORT reads numpy inputs without a copy)
+        # are held once here and fed to each as an input (ORT reads numpy inputs without a copy);
+        # quantized ones stay initializers of each segment, as MatMulNBits prepacks only those
+        # (fed as an input, it unpacks the whole table on every call: 1.3 s for Gemma 3's LM head)
+        quantized_inputs = {n for node in g.node if quantize.stand_in(node) is not None for n in node.input}
         self.shared: dict[str, np.ndarray] = {
-            n: numpy_helper.to_array(inits[n]) for n, used in consumers.items() if n in inits and len(used) > 1
+            n: numpy_helper.to_array(inits[n])
+            for n, used in consumers.items()
+            if n in inits and len(used) > 1 and n not in quantized_inputs
         }
         self.steps: list[_Step] = []
         for gi, nodes in enumerate(groups):

@@ -1,0 +1,214 @@
+"""Weight formats of an export: fp32, fp16, int8 and int4.
+
+Why ONNX Runtime's ``MatMulNBits`` and ``GatherBlockQuantized`` (domain com.microsoft): they
+are the ops ONNX Runtime runs natively on packed 4/8-bit weights (its model builder writes them
+for every quantized LLM), so a quantized file never holds an fp32 copy of a weight, on disk or
+in the session.  The numbers come from ONNX Runtime's own weight-only quantizer
+(``onnxruntime.quantization.matmul_nbits_quantizer``, round-to-nearest, symmetric), not from
+code of ours.
+
+Layout (one layout for every quantized tensor): a weight ``W [N, K]`` (PyTorch's Linear layout,
+output features first) is cut along K into blocks of ``group`` values; each block has one fp32
+scale and a zero point and stores ``q = round(W / scale) + zero_point`` as unsigned ``bits``-bit
+integers, packed low bits first: ``packed [N, ceil(K/group), group*bits/8]`` uint8,
+``scales [N, ceil(K/group)]``; int4 also has ``zero_points [N, ceil(ceil(K/group)/2)]`` (packed
+the same way), int8 uses the ops' default zero point 128.
+
+Why int4 is asymmetric and int8 symmetric (measured on Gemma 3 270M, 512 positions of prose,
+top-1 agreement with fp32): int4 group 32 symmetric 60 %, asymmetric 71 % -- with 16 levels, a
+zero-centred grid wastes levels on one side of each block; int8 symmetric already gives 97 %,
+and its default zero point needs no tensor.
+
+Why int8 is group-wise too: ``MatMulNBits`` needs a power-of-two block of at least 16, and
+Gemma's hidden sizes (640, 1152, 2304) are not powers of two, so one block per output channel
+cannot be written.  int8 with group 128 costs 1/32 byte per weight for its scales more than
+per-channel would, and is at least as accurate.
+
+The tied embedding table (Gemma ties the LM head to it) is quantized once and read by both the
+lookup (``GatherBlockQuantized`` on the same packed tensor) and the LM head (``MatMulNBits``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeattn.config import ConfigError
+
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+DEFAULT_GROUP = {"int4": 32, "int8": 128}
+MIN_GROUP = 16
+MS_DOMAIN = "com.microsoft"
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+# MatMulNBits' accuracy_level: 0 computes in the activations' float type.  4 (int8 activations)
+# is 2.6x faster on this CPU's LM head but quantizes activations per block as well; the accuracy
+# targets are met with 0 (benchmarks/quant.py reports both rates).
+ACCURACY_LEVEL = 0
+
+WEIGHTS_HELP = (
+    "Weight format: fp32; fp16 (weights and activations in float16); int8 (symmetric) or int4 (with zero "
+    "points), block-quantized with an fp32 scale per --group-size weights (ONNX Runtime's MatMulNBits and "
+    "GatherBlockQuantized; the tied embedding and LM head included, stored once)."
+)
+GROUP_HELP = "Weights per scale for int8/int4: a power of two >= 16. Default: 32 for int4, 128 for int8."
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How the linear, embedding and LM-head weights of an export are stored."""
+
+    kind: str = "fp32"
+    group: int | None = None  # weights per scale (int8/int4 only)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind in ("int8", "int4")
+
+    @property
+    def bits(self) -> int | None:
+        return {"int8": 8, "int4": 4}.get(self.kind)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.kind == "int8"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}-g{self.group}" if self.quantized else self.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "group": self.group, "bits": self.bits}
+
+
+def weight_format(kind: str = "fp32", group: int | None = None) -> WeightFormat:
+    """A checked :class:`WeightFormat`; the errors name the flag and the values that work."""
+    if kind not in WEIGHT_FORMATS:
+        raise ConfigError(f"--weights {kind!r} is unknown; choose one of {', '.join(WEIGHT_FORMATS)}")
+    if kind not in DEFAULT_GROUP:
+        if group is not None:
+            raise ConfigError(f"--group-size applies to int8 and int4 weights, not {kind}; leave it out")
+        return WeightFormat(kind)
+    group = DEFAULT_GROUP[kind] if group is None else int(group)
+    if group < MIN_GROUP or group & (group - 1):
+        raise ConfigError(
+            f"--group-size {group} does not work with --weights {kind}: ONNX Runtime's MatMulNBits needs a power "
+            f"of two >= {MIN_GROUP} (e.g. 32, 64, 128)"
+        )
+    return WeightFormat(kind, group)
+
+
+def format_of_manifest(onnx_info: dict[str, Any]) -> WeightFormat:
+    """The weight format an export's manifest records (files from before the option: fp32/fp16 by dtype)."""
+    w = onnx_info.get("weights")
+    if w:
+        return WeightFormat(w["kind"], w.get("group"))
+    return WeightFormat("fp16" if onnx_info.get("dtype") == "float16" else "fp32")
+
+
+@dataclass
+class BlockQuantized:
+    """One weight [N, K] in the layout of the module docstring."""
+
+    packed: np.ndarray  # uint8 [N, k_blocks, group * bits / 8]
+    scales: np.ndarray  # float32 [N, k_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks * bits / 8)], packed; None: 2**(bits-1)
+    bits: int
+    group: int
+    n: int
+    k: int
+
+    @property
+    def k_blocks(self) -> int:
+        return int(self.packed.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        return int(self.packed.nbytes + self.scales.nbytes + zp)
+
+    def block_zero_points(self) -> np.ndarray:
+        """One zero point per block, unpacked: uint8 [N, k_blocks]."""
+        if self.zero_points is None:
+            return np.full((self.n, self.k_blocks), 1 << (self.bits - 1), np.uint8)
+        return _unpack(self.zero_points, self.bits)[:, : self.k_blocks]
+
+    def dequantize(self) -> np.ndarray:
+        """W [N, K] in float32 (tests and diagnostics; no runtime path calls this)."""
+        q = _unpack(self.packed.reshape(self.n, -1), self.bits).reshape(self.n, self.k_blocks, self.group)
+        zp = self.block_zero_points().astype(np.int32)[:, :, None]
+        w = (q.astype(np.int32) - zp).astype(np.float32) * self.scales[:, :, None]
+        return w.reshape(self.n, -1)[:, : self.k]
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [N, M] holding 8/bits values per byte, low bits first -> uint8 [N, M * 8/bits]."""
+    if bits == 8:
+        return packed
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+
+
+def quantize_rows(w: np.ndarray, fmt: WeightFormat) -> BlockQuantized:
+    """Block-quantize ``w [N, K]`` along K with ONNX Runtime's quantizer (round-to-nearest)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    if not fmt.quantized or fmt.group is None or fmt.bits is None:
+        raise ValueError(f"{fmt.label} is not a block-quantized format")
+    if w.ndim != 2:
+        raise ValueError(f"quantize_rows takes a 2-D weight, got shape {w.shape}")
+    n, k = w.shape
+    config = DefaultWeightOnlyQuantConfig(block_size=fmt.group, is_symmetric=fmt.symmetric, bits=fmt.bits)
+    # ORT's routine takes MatMul's B layout [K, N]; its outputs are [N, k_blocks, blob] and [N, k_blocks]
+    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(w.T, dtype=np.float32)
+    )
+    return BlockQuantized(
+        packed=packed,
+        scales=scales.astype(np.float32),
+        zero_points=None if fmt.symmetric else zero_points,
+        bits=fmt.bits,
+        group=fmt.group,
+        n=n,
+        k=k,
+    )
+
+
+def stand_in(node: Any) -> tuple[Any, str, str] | None:
+    """A standard-ONNX node with the same output type as a quantized op, for onnx's shape inference.
+
+    onnx's inference does not know com.microsoft ops and types nothing after them; the stand-in
+    (MatMul / Gather on a float placeholder) lets it type the rest of the graph.  Returns
+    (node, placeholder name, the input whose element type the placeholder takes: the scales,
+    which have the activations' type), or None for any other node.
+    """
+    from onnx import helper
+
+    if node.domain != MS_DOMAIN or node.op_type not in QUANTIZED_OPS:
+        return None
+    placeholder = f"{node.output[0]}__stand_in_weight"
+    if node.op_type == "MatMulNBits":
+        stand = helper.make_node("MatMul", [node.input[0], placeholder], list(node.output[:1]))
+    else:
+        stand = helper.make_node("Gather", [placeholder, node.input[1]], list(node.output[:1]), axis=0)
+    return stand, placeholder, node.input[2]
+
+
+__all__ = [
+    "ACCURACY_LEVEL",
+    "BlockQuantized",
+    "DEFAULT_GROUP",
+    "GROUP_HELP",
+    "MS_DOMAIN",
+    "QUANTIZED_OPS",
+    "WEIGHTS_HELP",
+    "WEIGHT_FORMATS",
+    "WeightFormat",
+    "format_of_manifest",
+    "quantize_rows",
+    "stand_in",
+    "weight_format",
+]
