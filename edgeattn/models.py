@@ -166,6 +166,14 @@ def _converted_ok(target: Path) -> bool:
     return (target / "edgeattn-converted.json").is_file()
 
 
+def gguf_source(path: Path | None) -> Path | None:
+    """The GGUF file a converted model folder came from (None for other folders, or if it is gone)."""
+    if path is None or not _converted_ok(Path(path)):
+        return None
+    source = json.loads((Path(path) / "edgeattn-converted.json").read_text()).get("source")
+    return Path(source) if source and Path(source).is_file() else None
+
+
 def _convert(gguf_path: Path, target: Path) -> Path:
     """Dequantize a GGUF into an HF directory, atomically (temp dir, then rename)."""
     import torch

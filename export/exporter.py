@@ -130,18 +130,40 @@ def resolve_dtype(dtype: str, weights: WeightFormat) -> str:
     return dtype
 
 
-def precision_table(weights: WeightFormat, dtype: str, tied: bool) -> dict[str, str]:
-    """What precision each kind of tensor ends up in (the manifest's answer to "what did I get?")."""
+def precision_table(per_tensor: dict[str, str], dtype: str, tied: bool) -> dict[str, Any]:
+    """What precision each tensor ends up in (the manifest's answer to "what did I get?")."""
     dense = "float16" if dtype == "float16" else "float32"
-    stored = f"{weights.kind} (group {weights.group}, fp32 scales)" if weights.quantized else dense
+    counts: dict[str, int] = {}
+    for how in per_tensor.values():
+        counts[how or dense] = counts.get(how or dense, 0) + 1
+    table = per_tensor.get("model.embed_tokens.weight") or dense
     return {
-        "linear": stored,
-        "embedding": stored + (" -- stored once, shared with the LM head" if tied else ""),
-        "lm_head": "the embedding table (tied)" if tied else stored,
+        "matrices": counts,  # description -> how many of the linear / embedding / LM-head matrices
+        "embedding": table + (" -- stored once, shared with the LM head" if tied else ""),
+        "lm_head": "the embedding table (tied)" if tied else (per_tensor.get("lm_head.weight") or dense),
         "norms": "float32",
         "activations": dense,
         "kv_cache": dense,
+        "tensors": {k: v or dense for k, v in sorted(per_tensor.items())},
     }
+
+
+def gguf_for(loaded: Any, weights: WeightFormat) -> Any:
+    """The GGUF behind ``loaded`` when its blocks can be used (None otherwise); --weights gguf needs one."""
+    from edgeattn import models
+    from edgeattn.export import gguf_weights
+
+    if not weights.quantized:
+        return None
+    source = models.gguf_source(getattr(loaded, "path", None))
+    if source is None:
+        if weights.kind == "gguf":
+            raise ExportError(
+                f"--weights gguf keeps a GGUF model's own blocks, and {loaded.name} did not come from a GGUF file "
+                "(or that file has moved); pass a .gguf model or the built-in one, or use --weights int8/int4"
+            )
+        return None
+    return gguf_weights.open_gguf(source)
 
 
 def export_loaded(
@@ -184,11 +206,18 @@ def export_loaded(
         f"weights {weights.label}" + (" (quantizing)" if weights.quantized else "")
     )
     spec = graph.GraphSpec(
-        cfg=cfg, sparse_layers=sparse, dtype=dtype, all_logits=all_logits, dense_op=dense_op, weights=weights
+        cfg=cfg,
+        sparse_layers=sparse,
+        dtype=dtype,
+        all_logits=all_logits,
+        dense_op=dense_op,
+        weights=weights,
+        gguf=gguf_for(loaded, weights),
     )
+    per_tensor: dict[str, str] = {}
     try:
-        proto = graph.build_onnx(model, spec)
-    except EdgeAttnError:
+        proto = graph.build_onnx(model, spec, per_tensor)
+    except (EdgeAttnError, ConfigError):  # their messages already say what to do
         raise
     except Exception as err:  # a model whose weights/architecture the writer cannot express
         raise ExportError(
@@ -229,7 +258,7 @@ def export_loaded(
             "dtype": dtype,
             "weights": weights.to_dict(),
             "weight_bytes": weight_bytes,
-            "precision": precision_table(weights, dtype, tied),
+            "precision": precision_table(per_tensor, dtype, tied),
             "custom_domain": ops.DOMAIN if sparse or dense_op == "edgeattn" else None,
             "custom_ops": ([ops.OP_SELECT, ops.OP_SPARSE] if sparse else [])
             + ([ops.OP_DENSE] if dense_op == "edgeattn" else []),

@@ -53,7 +53,8 @@ class GraphSpec:
     all_logits: bool = False
     boundaries_input: bool = False  # adaptive chunking: boundaries come in as a graph input
     dense_op: str = "onnx"  # one of DENSE_OPS: how the dense and sliding-window layers are written
-    weights: quantize.WeightFormat = field(default_factory=quantize.WeightFormat)  # int8/int4: MatMulNBits
+    weights: quantize.WeightFormat = field(default_factory=quantize.WeightFormat)  # int8/int4/gguf: MatMulNBits
+    gguf: Any = None  # export.gguf_weights.GGUFWeights of a GGUF source: its blocks carried over exactly
 
 
 @dataclass
@@ -157,7 +158,8 @@ class _GemmaWriter:
         self.dt = _ONNX_DTYPES[spec.dtype]
         self.np_dt = _NP_DTYPES[spec.dtype]
         self.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        self._quantized: dict[str, _QuantizedWeight] = {}
+        self._quantized: dict[str, _QuantizedWeight | None] = {}
+        self.precision: dict[str, str] = {}  # state-dict key -> how the export stores it
         self._written: set[str] = set()
 
     # ---- weights
@@ -175,19 +177,30 @@ class _GemmaWriter:
 
     def linear(self, x: str, key: str) -> str:
         """x @ W.T for the Linear weight ``key`` [N, K]: MatMul, or MatMulNBits on quantized weights."""
-        if not self.spec.weights.quantized:
+        weight = self.quantized(key)
+        if weight is None:
             return self.nb.op("MatMul", x, self.weight(key, transpose=True))
-        return self.matmul_nbits(x, self.quantized(key))
+        return self.matmul_nbits(x, weight)
 
-    def quantized(self, key: str) -> _QuantizedWeight:
-        """The packed weight of ``key`` as initializers (once per key: the tied table is shared)."""
+    def quantized(self, key: str) -> _QuantizedWeight | None:
+        """The packed weight of ``key`` as initializers, or None where it stays float.
+
+        Chosen once per key (the tied table serves the lookup and the LM head); what was chosen
+        is kept in ``self.precision`` for the manifest.
+        """
         if key not in self._quantized:
-            q = quantize.quantize_rows(self.state[key].float().numpy(), self.spec.weights)
-            names = [self.nb.initializer(f"{key}.q{q.bits}", q.packed), self.nb.initializer(f"{key}.scales", q.scales)]
-            if q.zero_points is not None:
-                names.append(self.nb.initializer(f"{key}.zero_points", q.zero_points))
-            self._quantized[key] = _QuantizedWeight(names, q)
+            q, how = quantize.choose_block(
+                key, self.spec.weights, lambda: self.state[key].float().numpy(), self.spec.gguf
+            )
+            self.precision[key] = how if q is not None else f"{how or self.spec.dtype}"
+            self._quantized[key] = None if q is None else self._write_block(key, q)
         return self._quantized[key]
+
+    def _write_block(self, key: str, q: quantize.BlockQuantized) -> _QuantizedWeight:
+        names = [self.nb.initializer(f"{key}.q{q.bits}", q.packed), self.nb.initializer(f"{key}.scales", q.scales)]
+        if q.zero_points is not None:
+            names.append(self.nb.initializer(f"{key}.zero_points", q.zero_points))
+        return _QuantizedWeight(names, q)
 
     def matmul_nbits(self, x: str, weight: _QuantizedWeight) -> str:
         q = weight.q
@@ -207,13 +220,20 @@ class _GemmaWriter:
         """Rows of the embedding table for ``ids`` [B, S] -> [B, S, H] (before Gemma's sqrt(H) scale)."""
         nb = self.nb
         key = "model.embed_tokens.weight"
-        if not self.spec.weights.quantized:
-            return nb.op("Gather", self.weight(key), ids, axis=0)
         weight = self.quantized(key)
+        if weight is None:
+            return nb.op("Gather", self.weight(key), ids, axis=0)
+        if not weight.q.integer_zero_points:  # GatherBlockQuantized reads integer zero points only
+            fmt = quantize.weight_format("int8", 32)
+            q = quantize.quantize_rows(self.state[key].float().numpy(), fmt)
+            self.precision[key] = (
+                f"{q.label} (requantized: the lookup takes integer zero points; was {self.precision[key]})"
+            )
+            weight = self._quantized[key] = self._write_block(key, q)
         packed, scales, q = weight.inputs[0], weight.inputs[1], weight.q
         # the packed table [V, k_blocks, blob] is the LM head's MatMulNBits weight too; the lookup
         # dequantizes one block per step along its last axis, so its scales are [V, k_blocks, 1]
-        # its zero points (int4) are one per block, [V, k_blocks, 1]: unpacked, unlike MatMulNBits'
+        # and its zero points (int4) one per block, [V, k_blocks, 1]: unpacked, unlike MatMulNBits'
         zero_points = []
         if q.zero_points is not None:
             zero_points = [nb.initializer(f"{key}.block_zero_points", q.block_zero_points()[:, :, None])]
@@ -396,8 +416,9 @@ class _GemmaWriter:
             h = nb.op("Slice", h, nb.i64(-1), nb.i64(np.iinfo(np.int64).max), nb.i64(1), hint="last_hidden")
         head_key = "model.embed_tokens.weight" if self._tied() else "lm_head.weight"
         flat = nb.op("Reshape", h, nb.i64(-1, f.hidden))
-        if spec.weights.quantized:
-            logits = self.matmul_nbits(flat, self.quantized(head_key))
+        head = self.quantized(head_key)
+        if head is not None:
+            logits = self.matmul_nbits(flat, head)
         else:
             logits = nb.op("Gemm", flat, self.weight(head_key), transB=1)
         out_shape = nb.op("Concat", nb.op("Slice", nb.op("Shape", h), nb.i64(0), nb.i64(2)), nb.i64(f.vocab), axis=0)
@@ -414,7 +435,7 @@ class _GemmaWriter:
             opsets.append(helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
             used = {n.op_type for n in nb.nodes if n.domain == ops.DOMAIN}
             functions = [fn for fn in ops.functions() if fn.name in used]  # the bodies of the ops in the file
-        if spec.dense_op == "gqa" or spec.weights.quantized:
+        if spec.dense_op == "gqa" or any(w is not None for w in self._quantized.values()):
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="edgeattn")
         model.ir_version = 10
@@ -533,12 +554,19 @@ class _GemmaWriter:
         return out
 
 
-def build_onnx(model: Any, spec: GraphSpec) -> onnx.ModelProto:
-    """The ONNX model of ``model`` with ``spec``'s attention (weights as initializers, in memory)."""
+def build_onnx(model: Any, spec: GraphSpec, precision: dict[str, str] | None = None) -> onnx.ModelProto:
+    """The ONNX model of ``model`` with ``spec``'s attention (weights as initializers, in memory).
+
+    ``precision``, when given, receives how each matrix is stored (state-dict key -> description).
+    """
     facts = model_facts(model)
     if spec.dense_op not in DENSE_OPS:
         raise ValueError(f"dense op {spec.dense_op!r} is unknown; choose one of {', '.join(DENSE_OPS)}")
     bad = [i for i in spec.sparse_layers if not 0 <= i < facts.layers]
     if bad:
         raise ValueError(f"layer indices {bad} out of range: the model has layers 0..{facts.layers - 1}")
-    return _GemmaWriter(model, facts, spec).build()
+    writer = _GemmaWriter(model, facts, spec)
+    proto = writer.build()
+    if precision is not None:
+        precision.update(writer.precision)
+    return proto

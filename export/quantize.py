@@ -30,6 +30,7 @@ lookup (``GatherBlockQuantized`` on the same packed tensor) and the LM head (``M
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ import numpy as np
 
 from edgeattn.config import ConfigError
 
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")
 DEFAULT_GROUP = {"int4": 32, "int8": 128}
 MIN_GROUP = 16
 MS_DOMAIN = "com.microsoft"
@@ -50,7 +51,8 @@ ACCURACY_LEVEL = 0
 WEIGHTS_HELP = (
     "Weight format: fp32; fp16 (weights and activations in float16); int8 (symmetric) or int4 (with zero "
     "points), block-quantized with an fp32 scale per --group-size weights (ONNX Runtime's MatMulNBits and "
-    "GatherBlockQuantized; the tied embedding and LM head included, stored once)."
+    "GatherBlockQuantized; the tied embedding and LM head included, stored once); gguf: a GGUF model's "
+    "tensors exactly as the file stores them (Q4_K as int4, Q5_0/Q6_K/Q8_0 as int8; export/QUANT.md)."
 )
 GROUP_HELP = "Weights per scale for int8/int4: a power of two >= 16. Default: 32 for int4, 128 for int8."
 
@@ -64,7 +66,7 @@ class WeightFormat:
 
     @property
     def quantized(self) -> bool:
-        return self.kind in ("int8", "int4")
+        return self.kind in ("int8", "int4", "gguf")
 
     @property
     def bits(self) -> int | None:
@@ -76,7 +78,7 @@ class WeightFormat:
 
     @property
     def label(self) -> str:
-        return f"{self.kind}-g{self.group}" if self.quantized else self.kind
+        return f"{self.kind}-g{self.group}" if self.group else self.kind
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "group": self.group, "bits": self.bits}
@@ -113,7 +115,9 @@ class BlockQuantized:
 
     packed: np.ndarray  # uint8 [N, k_blocks, group * bits / 8]
     scales: np.ndarray  # float32 [N, k_blocks]
-    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks * bits / 8)], packed; None: 2**(bits-1)
+    # uint8 [N, ceil(k_blocks * bits / 8)], packed; or float32 [N, k_blocks] (a GGUF's Q4_K);
+    # None: the ops' default 2**(bits-1)
+    zero_points: np.ndarray | None
     bits: int
     group: int
     n: int
@@ -128,17 +132,29 @@ class BlockQuantized:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
         return int(self.packed.nbytes + self.scales.nbytes + zp)
 
+    @property
+    def label(self) -> str:
+        zp = "" if self.integer_zero_points else ", float zero points"
+        return f"int{self.bits} g{self.group}{zp}"
+
+    @property
+    def integer_zero_points(self) -> bool:
+        """GatherBlockQuantized (the embedding lookup) reads integer zero points only."""
+        return self.zero_points is None or self.zero_points.dtype == np.uint8
+
     def block_zero_points(self) -> np.ndarray:
-        """One zero point per block, unpacked: uint8 [N, k_blocks]."""
+        """One zero point per block, unpacked: [N, k_blocks] (uint8, or float32 as stored)."""
         if self.zero_points is None:
             return np.full((self.n, self.k_blocks), 1 << (self.bits - 1), np.uint8)
+        if not self.integer_zero_points:
+            return self.zero_points
         return _unpack(self.zero_points, self.bits)[:, : self.k_blocks]
 
     def dequantize(self) -> np.ndarray:
         """W [N, K] in float32 (tests and diagnostics; no runtime path calls this)."""
         q = _unpack(self.packed.reshape(self.n, -1), self.bits).reshape(self.n, self.k_blocks, self.group)
-        zp = self.block_zero_points().astype(np.int32)[:, :, None]
-        w = (q.astype(np.int32) - zp).astype(np.float32) * self.scales[:, :, None]
+        zp = self.block_zero_points().astype(np.float32)[:, :, None]
+        w = (q.astype(np.float32) - zp) * self.scales[:, :, None]
         return w.reshape(self.n, -1)[:, : self.k]
 
 
@@ -177,6 +193,30 @@ def quantize_rows(w: np.ndarray, fmt: WeightFormat) -> BlockQuantized:
     )
 
 
+def choose_block(
+    key: str, fmt: WeightFormat, dense: Callable[[], np.ndarray], gguf: Any = None
+) -> tuple[BlockQuantized | None, str]:
+    """How the matrix ``key`` is stored: (blocks, description), or (None, description) to keep it float.
+
+    ``dense()`` gives the float weight [N, K] (called only to quantize); ``gguf`` is the source
+    file's :class:`~edgeattn.export.gguf_weights.GGUFWeights`, whose blocks are carried over
+    exactly wherever they already are the asked format (always, for ``--weights gguf``).
+    """
+    gtype = gguf.type_of(key) if gguf is not None else None
+    if fmt.kind == "gguf":
+        if gtype is None or gtype in gguf.FLOAT_TYPES:
+            return None, f"float32 (GGUF {gtype or 'has no such tensor'})"
+        q = gguf.block(key)  # a clear ConfigError for a type with no mapping
+        return q, f"{q.label} (GGUF {gtype}, exact)"
+    if not fmt.quantized:
+        return None, ""
+    if gtype is not None and gguf.exact_format(gtype) == (fmt.bits, fmt.group):
+        q = gguf.block(key)
+        return q, f"{q.label} (GGUF {gtype}, exact)"
+    q = quantize_rows(dense(), fmt)
+    return q, q.label + (f" (requantized from GGUF {gtype})" if gtype else "")
+
+
 def stand_in(node: Any) -> tuple[Any, str, str] | None:
     """A standard-ONNX node with the same output type as a quantized op, for onnx's shape inference.
 
@@ -207,6 +247,7 @@ __all__ = [
     "WEIGHTS_HELP",
     "WEIGHT_FORMATS",
     "WeightFormat",
+    "choose_block",
     "format_of_manifest",
     "quantize_rows",
     "stand_in",
