@@ -34,6 +34,7 @@ from edgeattn.config import (
     resolve_threads,
 )
 from edgeattn.errors import NotBuiltYetError, friendly_errors
+from edgeattn.export.quantize import GROUP_HELP
 
 app = typer.Typer(
     name="edgeattn",
@@ -189,6 +190,14 @@ def run(
             "does not fit is prefilled in chunks, and a model whose weights do not fit is refused."
         ),
     ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Weights of the ort backend's export: fp32, fp16, int8, int4 or gguf (export --help says how each "
+            "is stored). The torch backend runs the model's own float weights."
+        ),
+    ] = "fp32",
+    group_size: Annotated[int | None, typer.Option(help=GROUP_HELP, show_default=False)] = None,
     shipped: Annotated[
         bool,
         typer.Option(
@@ -214,10 +223,13 @@ def run(
 
       edgeattn run --backend torch,ort --kernels tvm
 
+      edgeattn run --backend ort --weights int4 --no-shipped   # 4-bit weights on ONNX Runtime
+
       edgeattn run ./my-gemma2-dir --prompt-file notes.txt
 
       edgeattn run model.tvm-x86-host-1a2b3c4d     # an artifact folder `edgeattn compile` wrote
     """
+    from edgeattn.export.quantize import weight_format
     from edgeattn.runtime import host, memory
 
     configs = [
@@ -251,6 +263,7 @@ def run(
         device=device,
         tracker=tracker,
         key=key,
+        weights=weight_format(weights, group_size),
     )
     header, results = host.run_on_host(request, log=_log)
     if as_json:

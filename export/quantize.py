@@ -48,6 +48,11 @@ QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
 # targets are met with 0 (benchmarks/quant.py reports both rates).
 ACCURACY_LEVEL = 0
 
+TVM_NOT_YET = (
+    "quantized weights ({label}) run on the ort backend for now: the tvm backend has no dequantize+matmul "
+    "kernels for MatMulNBits yet; run it with --backend ort, or export with --weights fp32 / fp16 for tvm"
+)
+
 WEIGHTS_HELP = (
     "Weight format: fp32; fp16 (weights and activations in float16); int8 (symmetric) or int4 (with zero "
     "points), block-quantized with an fp32 scale per --group-size weights (ONNX Runtime's MatMulNBits and "
@@ -244,6 +249,7 @@ __all__ = [
     "GROUP_HELP",
     "MS_DOMAIN",
     "QUANTIZED_OPS",
+    "TVM_NOT_YET",
     "WEIGHTS_HELP",
     "WEIGHT_FORMATS",
     "WeightFormat",

@@ -596,6 +596,10 @@ def prepare_with_kernels(
     foreign = sorted(
         {f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx", ops.DOMAIN)}
     )
+    if any(op.endswith(("MatMulNBits", "GatherBlockQuantized")) for op in foreign):
+        from edgeattn.export.quantize import TVM_NOT_YET
+
+        raise NotAnEdgeattnExport(TVM_NOT_YET.format(label=", ".join(foreign)))
     if foreign:
         raise NotAnEdgeattnExport(
             f"the export uses {foreign}, "

@@ -9,11 +9,12 @@ the weights) run before the model is loaded.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgeattn.config import DEFAULT_KERNELS, AttentionConfig, ConfigError
+from edgeattn.export.quantize import TVM_NOT_YET, WeightFormat
 from edgeattn.runtime import memory
 from edgeattn.runtime.measure import rss_bytes
 from edgeattn.runtime.runner import RunResult, report_header, run_session
@@ -43,6 +44,7 @@ class RunRequest:
     device: str = "host"  # a device profile name (edgeattn devices list): rows run there over TVM RPC
     tracker: str | None = None  # HOST:PORT of a TVM RPC tracker, overriding the profile's
     key: str | None = None  # the device key at that tracker
+    weights: WeightFormat = field(default_factory=WeightFormat)  # the ort backend's export: fp32, int4, gguf, ...
 
 
 def kernels_available() -> str:
@@ -67,6 +69,18 @@ def _check_request(req: RunRequest) -> None:
     given = [x is not None for x in (req.prompt, req.prompt_file, req.synthetic_length)]
     if sum(given) > 1:
         raise ConfigError("give only one of --prompt, --prompt-file, --synthetic-length")
+    if req.weights.kind != "fp32":
+        if exported_file(req.model) is not None or artifact_folder(req.model) is not None:
+            raise ConfigError(f"--weights applies when edgeattn exports the model; {req.model} already has its weights")
+        if req.weights.quantized and "tvm" in req.backends:
+            raise ConfigError(TVM_NOT_YET.format(label=req.weights.label))
+        if set(req.backends or ["torch"]) - {"ort", "tvm"}:
+            raise ConfigError(
+                f"--weights {req.weights.label} runs the exported file: add --backend ort (the torch backend runs "
+                "the model's own float weights)"
+            )
+        if req.device != "host":
+            raise ConfigError(f"--weights {req.weights.label} runs on this machine's ort backend; leave out --device")
     if req.prompt_file is not None and not req.prompt_file.is_file():
         raise FileNotFoundError(f"--prompt-file {req.prompt_file}: no such file")
 
@@ -136,6 +150,7 @@ def run_on_host(
         observe=req.configs[0].observe if req.configs else None,
         kernels=req.kernels,
         layers=req.layers,
+        weights=req.weights.label,
     )
     if req.device != "host":
         from edgeattn.runtime.device_run import run_on_device
@@ -144,9 +159,18 @@ def run_on_host(
         return header, run_on_device(req, loaded, ids, hf_config, log, _measure)
     results: list[RunResult] = []
     for session, layers in _sessions(req, loaded):
-        row_fp = memory.footprint_of(hf_config, backend=session.info.backend, kernels=session.info.kernels)
+        manifest = getattr(session, "manifest", None)
+        row_fp = _footprint(hf_config, manifest, session.info.backend, session.info.kernels)
         results.append(_measure(req, session, ids, hf_config, row_fp, granularity, loaded.tokenizer, log, layers))
     return header, results
+
+
+def _footprint(hf_config: Any, manifest: dict[str, Any] | None, backend: str, kernels: str) -> memory.Footprint:
+    """The row's footprint; an exported file holds its own weights (quantized, fp16): their bytes, not fp32's."""
+    onnx_info = (manifest or {}).get("onnx") or {}
+    dtype_bytes = 2 if onnx_info.get("dtype") == "float16" else 4
+    fp = memory.footprint_of(hf_config, dtype_bytes=dtype_bytes, backend=backend, kernels=kernels)
+    return replace(fp, weights=int(onnx_info["weight_bytes"])) if onnx_info.get("weight_bytes") else fp
 
 
 def _refuse_before_loading(req: RunRequest, fp: memory.Footprint, runtime_bytes: int) -> None:
@@ -287,10 +311,11 @@ def _prepare_file_run(req: RunRequest, path: Path, described: dict[str, Any], ba
     from transformers import AutoConfig
 
     from edgeattn import models
+    from edgeattn.export.quantize import format_of_manifest
 
     source = _source_of_export(path, described)
     hf_config = AutoConfig.from_pretrained(str(source))
-    fp = memory.footprint_of(hf_config, backend=backend, kernels=kernels)
+    fp = _footprint(hf_config, described, backend, kernels)
     _refuse_before_loading(req, fp, rss_bytes())
     tokenizer = models._load_tokenizer(source) if models._has_tokenizer(source) else None
     ids = prompt_ids(req, tokenizer, source)
@@ -305,6 +330,7 @@ def _prepare_file_run(req: RunRequest, path: Path, described: dict[str, Any], ba
         chunking=attention.get("chunking"),
         observe=attention.get("observe"),
         kernels=kernels,
+        weights=format_of_manifest(described.get("onnx") or {}).label,
     )
     return hf_config, fp, tokenizer, ids, attention, header
 
@@ -339,12 +365,12 @@ def _ort_session(req: RunRequest, loaded: Any, cfg: AttentionConfig) -> Any:
 
     # on our kernels the dense and sliding layers are DenseFlashAttention nodes too: no L x L mask anywhere
     dense_op = req.ort_dense_op or ("edgeattn" if req.kernels == "tvm" else "onnx")
-    path = ort_backend.cached_export(loaded, cfg, layers=req.layers, dense_op=dense_op)
+    path = ort_backend.cached_export(loaded, cfg, layers=req.layers, dense_op=dense_op, weights=req.weights)
     return ort_backend.open_session(path, kernels=req.kernels, threads=req.threads)
 
 
 def _tvm_session(req: RunRequest, loaded: Any, cfg: AttentionConfig) -> Any:
     from edgeattn.runtime import ort_backend, tvm_backend
 
-    path = ort_backend.cached_export(loaded, cfg, layers=req.layers)
+    path = ort_backend.cached_export(loaded, cfg, layers=req.layers, weights=req.weights)  # fp32/fp16 only
     return tvm_backend.open_session(path, threads=req.threads)

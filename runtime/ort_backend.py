@@ -27,6 +27,7 @@ import numpy as np
 
 from edgeattn.config import AttentionConfig, resolve_threads
 from edgeattn.errors import CorruptModelError, ModelNotFoundError
+from edgeattn.export.quantize import WeightFormat
 from edgeattn.runtime.session import SessionInfo
 from edgeattn.runtime.threads import set_threads
 
@@ -105,6 +106,7 @@ def _session_options(threads: int, arena: bool = True) -> Any:
     # Segments each hold their own arena; an arena keeps its peak for the session's life, so
     # 19 of them would each keep one layer's activations.  Without it, memory goes back after a run.
     opts.enable_cpu_mem_arena = arena
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -248,7 +250,9 @@ def _model_identity(loaded: Any) -> dict[str, Any]:
     return ident
 
 
-def export_key(loaded: Any, cfg: AttentionConfig, layers: str, dense_op: str, dtype: str) -> str:
+def export_key(
+    loaded: Any, cfg: AttentionConfig, layers: str, dense_op: str, dtype: str, weights: WeightFormat | None = None
+) -> str:
     """Cache key of an export: the model, the attention config and the export options."""
     from edgeattn import __version__
 
@@ -260,6 +264,7 @@ def export_key(loaded: Any, cfg: AttentionConfig, layers: str, dense_op: str, dt
         "layers": layers if cfg.kind != "dense" else None,
         "dense_op": dense_op,
         "dtype": dtype,
+        "weights": (weights or WeightFormat()).to_dict(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -271,11 +276,12 @@ def cached_export(
     layers: str = "global",
     dense_op: str = "onnx",
     dtype: str = "float32",
+    weights: WeightFormat | None = None,
 ) -> Path:
     """The .onnx of ``loaded`` (a LoadedModel, or a model spec / None for the built-in) with ``cfg``.
 
     Exported once into ``$EDGEATTN_CACHE/onnx/<name>-<key>/model.onnx`` and reused while the
-    key -- model folder and files, attention config, layers, dense op, dtype, edgeattn version --
+    key -- model folder and files, attention config, layers, dense op, dtype, weights, edgeattn version --
     is the same.  The folder appears whole or not at all (``edgeattn.atomic.staged_dir``).
     """
     from edgeattn import atomic, models
@@ -284,14 +290,16 @@ def cached_export(
 
     if loaded is None or isinstance(loaded, (str, os.PathLike)):
         loaded = models.load(loaded)
-    key = export_key(loaded, cfg, layers, dense_op, dtype)
+    weights = weights or WeightFormat()
+    key = export_key(loaded, cfg, layers, dense_op, dtype, weights)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(loaded.name)).name)[:40] or "model"
-    folder = models.cache_dir() / "onnx" / f"{safe}-{cfg.kind}-{dense_op}-{key}"
+    tag = "" if weights.kind == "fp32" else f"-{weights.label}"
+    folder = models.cache_dir() / "onnx" / f"{safe}-{cfg.kind}-{dense_op}{tag}-{key}"
     target = folder / "model.onnx"
     if target.is_file() and manifest.manifest_path(target).is_file():
         return target
     with atomic.staged_dir(folder) as tmp:
-        export_loaded(loaded, tmp / "model.onnx", cfg, layers=layers, dtype=dtype, dense_op=dense_op)
+        export_loaded(loaded, tmp / "model.onnx", cfg, layers=layers, dtype=dtype, dense_op=dense_op, weights=weights)
     return target
 
 

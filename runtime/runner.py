@@ -44,6 +44,9 @@ class RunResult:
     planned_peak_mib: float
     prefill_chunk: int
     prefill_steps: int
+    weights_mib: float = 0.0  # the weights as this backend holds them (quantized or fp16 exports: their bytes)
+    kv_cache_mib: float = 0.0  # the KV cache at the end of the run (prompt + new tokens), as planned
+    resident_mib: float = 0.0  # measured RSS after loading and the warm-up, before the prefill
     layers: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     continuation: str = ""
@@ -143,6 +146,9 @@ def run_session(
         planned_peak_mib=plan.peak / MIB,
         prefill_chunk=plan.prefill_chunk,
         prefill_steps=steps,
+        weights_mib=plan.weights / MIB,
+        kv_cache_mib=plan.kv_cache / MIB,
+        resident_mib=resident / MIB,
         layers=list(layers or []),
         token_ids=tokens,
         continuation=decode_text(tokens) if decode_text else "",
@@ -169,12 +175,15 @@ def format_table(header: dict[str, Any], results: list[RunResult]) -> str:
     )
     if header.get("observe") is not None:  # None: an artifact whose manifest predates the option
         head += f" | window {header['observe']}" if header["observe"] else " | no window (paper's selection)"
+    if header.get("weights") not in (None, "fp32"):
+        head += f" | weights {header['weights']}"
     if header.get("memory_budget_mib"):
         head += f" | memory budget {header['memory_budget_mib']} MiB"
     lines = [head, ""]
     cols = (
         f"{'backend/attention':<20}{'kernels':>10}{'tokens':>8}{'prefill s':>11}{'tok/s':>9}{'vs shipped':>11}"
-        f"{'vs dense':>10}{'peak RSS':>10}{'planned':>9}{'steps':>7}{'decode tok/s':>14}{'decode vs dense':>17}"
+        f"{'vs dense':>10}{'peak RSS':>10}{'planned':>9}{'weights':>9}{'KV':>7}{'steps':>7}{'decode tok/s':>14}"
+        f"{'decode vs dense':>17}"
     )
     lines.append(cols)
     shipped = next((r for r in results if r.backend == "transformers"), None)
@@ -187,11 +196,14 @@ def format_table(header: dict[str, Any], results: list[RunResult]) -> str:
         decode_vs = f"{r.decode_tok_s / d.decode_tok_s:.2f}x" if d and d.decode_tok_s and r.decode_tok_s else "-"
         lines.append(
             f"{r.label:<20}{r.kernels:>10}{r.prompt_tokens:>8}{r.prefill_s:>11.2f}{r.tok_s:>9.0f}{vs_shipped:>11}"
-            f"{vs_dense:>10}{r.peak_rss_mib:>10.0f}{r.planned_peak_mib:>9.0f}{r.prefill_steps:>7}{decode:>14}"
-            f"{decode_vs:>17}"
+            f"{vs_dense:>10}{r.peak_rss_mib:>10.0f}{r.planned_peak_mib:>9.0f}{r.weights_mib:>9.0f}{r.kv_cache_mib:>7.0f}"
+            f"{r.prefill_steps:>7}{decode:>14}{decode_vs:>17}"
         )
     lines.append("")
-    lines.append("peak RSS and planned peak in MiB; steps = prefill calls (more than 1: chunked to fit the budget)")
+    lines.append(
+        "peak RSS, planned peak, weights (as the row's backend holds them) and KV cache (prompt + new tokens) in MiB;"
+        " steps = prefill calls (more than 1: chunked to fit the budget)"
+    )
     lines.append("decode vs dense: decode tok/s over the dense row of the same backend (DHSA: on its chunk index)")
     for r in results:
         lines.append(f"[{r.label}] {r.continuation!r}")

@@ -211,6 +211,7 @@ def compile_artifact(
     import onnx
     import tvm
 
+    from edgeattn.export.quantize import TVM_NOT_YET, format_of_manifest
     from edgeattn.export.tvm_import import NotAnEdgeattnExport, export_manifest_for, import_with_kernels
     from edgeattn.kernels_tvm.targets import UnknownTargetError, get_profile
 
@@ -228,6 +229,9 @@ def compile_artifact(
         export_manifest = export_manifest_for(onnx_path)
     except NotAnEdgeattnExport as exc:
         raise CompileError(str(exc)) from exc
+    weights = format_of_manifest(export_manifest.get("onnx") or {})
+    if weights.quantized:
+        raise CompileError(f"{onnx_path}: " + TVM_NOT_YET.format(label=weights.label))
     hashes = _export_files(onnx_path, export_manifest)
     key = artifact_key(hashes, profile, max_context, tvm.__version__)
     out = Path(out_dir) if out_dir is not None else default_out_dir(onnx_path, profile.name, key)

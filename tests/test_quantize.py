@@ -329,3 +329,58 @@ def test_quantized_real_model_agrees_with_fp32(tmp_path, real_model, prose, kind
     assert got.perplexity_increase < (1e-4 if kind == "gguf" else 0.02), got.to_dict()
     if kind == "gguf":
         assert res.manifest["onnx"]["weight_bytes"] < 0.3 * 4 * real_model.model.num_parameters()
+
+
+# ------------------------------------------------------------------ edgeattn run --weights
+
+
+def _run_cli(args: list[str], tmp_path: Path):
+    from edgeattn.cli import app
+
+    return CliRunner().invoke(app, ["run", *args], env={"EDGEATTN_CACHE": str(tmp_path / "cache")})
+
+
+def test_run_with_int8_weights_reports_weight_and_kv_bytes(tmp_path):
+    """The ort rows run the int8 export: the report's weights column is its bytes, not fp32's."""
+    import json
+
+    model_dir = save_tiny_model(tmp_path / "tiny", "gemma3", tokenizer=True)
+    args = [str(model_dir), "--backend", "ort", "--weights", "int8", "--group-size", "32", "--no-shipped"]
+    res = _run_cli(args + ["--synthetic-length", "80", "--max-new-tokens", "3", "--budget", "32", "--json"], tmp_path)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{") : res.output.rindex("}") + 1])
+    assert report["weights"] == "int8-g32"
+    (export,) = (tmp_path / "cache" / "onnx").glob("*dense*int8-g32*/model.onnx")
+    weight_bytes = json.loads(export.with_name("model.manifest.json").read_text())["onnx"]["weight_bytes"]
+    fp32_bytes = 4 * sum(p.numel() for p in tiny_model("gemma3").parameters())
+    for row in report["results"]:
+        assert row["backend"] == "ort" and len(row["token_ids"]) == 3
+        assert row["weights_mib"] == pytest.approx(weight_bytes / 2**20)
+        assert row["weights_mib"] < 0.45 * fp32_bytes / 2**20
+        assert row["kv_cache_mib"] > 0 and row["resident_mib"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--weights", "int4"], "add --backend ort"),
+        (["--weights", "int4", "--backend", "tvm"], "no dequantize+matmul kernels"),
+        (["--weights", "int4", "--backend", "ort", "--group-size", "20"], "power of two"),
+        (["--weights", "q4"], "choose one of fp32, fp16, int8, int4, gguf"),
+    ],
+)
+def test_run_refuses_weights_it_cannot_honour(tmp_path, args, message):
+    model_dir = save_tiny_model(tmp_path / "tiny", "gemma3", tokenizer=True)
+    res = _run_cli([str(model_dir), *args, "--synthetic-length", "40"], tmp_path)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "cache" / "onnx").exists()  # refused before anything was exported
+
+
+def test_compile_refuses_a_quantized_export(tmp_path):
+    from edgeattn.runtime.tvm_compile import CompileError, compile_artifact
+
+    res = exporter.export_loaded(loaded(), tmp_path / "m.onnx", SMALL, weights=quantize.weight_format("int4"))
+    with pytest.raises(CompileError, match="run it with --backend ort"):
+        compile_artifact(res.onnx_path, "x86-host", out_dir=tmp_path / "art")
+    assert not (tmp_path / "art").exists()
