@@ -213,7 +213,7 @@ class _GemmaWriter:
             N=q.n,
             bits=q.bits,
             block_size=q.group,
-            accuracy_level=quantize.ACCURACY_LEVEL,
+            accuracy_level=quantize.ACCURACY_LEVEL[q.bits],
         )
 
     def embedding(self, ids: str) -> str:

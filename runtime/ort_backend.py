@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from edgeattn.runtime.threads import set_threads
 
 KERNELS = ("tvm", "reference")
 # bump when the exporter's output for the same options changes in a way an old cached file lacks
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 class ManifestMismatchError(CorruptModelError):
@@ -108,6 +109,21 @@ def _session_options(threads: int, arena: bool = True) -> Any:
     opts.enable_cpu_mem_arena = arena
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
+
+
+def _session_from_file(data: bytes, opts: Any) -> Any:
+    """An InferenceSession of a serialized model, loaded from a file rather than from the bytes.
+
+    Given bytes, ONNX Runtime keeps a copy of every initializer for the session's life: measured
+    on the int4 Gemma 3 270M file, 464 MiB from bytes against 292 MiB from a path (its weights
+    are 171 MiB).  The file is gone as soon as the session holds what it needs.
+    """
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgeattn-segment-") as tmp:
+        path = Path(tmp) / "segment.onnx"
+        path.write_bytes(data)
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 class _WholeFile:
@@ -210,10 +226,9 @@ def open_session(
         runner = _WholeFile(path, n_threads)
         _release_freed_memory()
         return OrtSession(path, manifest, runner, kernels)
-    import onnxruntime as ort
 
     def session_factory(data: bytes) -> Any:
-        return ort.InferenceSession(data, _session_options(n_threads, arena=False), providers=["CPUExecutionProvider"])
+        return _session_from_file(data, _session_options(n_threads, arena=False))
 
     try:
         runner = SegmentedModel(model, session_factory, target=target)
