@@ -2,7 +2,7 @@
 
 How: the file is cut at its ``ai.edgeattn`` nodes.  ONNX Runtime runs every stretch of
 standard ops between two such nodes (one InferenceSession per stretch, "segment"); the
-nodes themselves run on the kernels of ``kernels_tvm`` (``registry.get_kernel`` with the
+nodes themselves run on the kernels of ``kernels_tvm`` (``registry.layer_kernel`` with the
 node's attributes); tensors pass between them as numpy arrays that ORT reads without a
 copy (its CPU inputs wrap numpy memory) and TVM reads through DLPack.
 
@@ -58,7 +58,7 @@ def _run_select(q: np.ndarray, k: np.ndarray, boundaries: np.ndarray, attrs: dic
     nq = int((bnd[1:] > lk - lq).sum())
     width = int(attrs["max_selected"])
     m = max(1, min(width, nc))  # the kernel's top-list width; the file's sel is padded to `width` with -1
-    kern = registry.get_kernel(
+    kern = registry.layer_kernel(
         onnx_ops.OP_SELECT,
         target,
         heads_q=hq,
@@ -107,7 +107,7 @@ def _run_attention(op: str, arrays: Sequence[np.ndarray], attrs: dict[str, Any],
     spec = _attention_spec(q, k, attrs)
     if op == onnx_ops.OP_SPARSE:
         spec["sinks"] = int(attrs.get("sinks", 4))
-    kern = registry.get_kernel(op, target, **spec)
+    kern = registry.layer_kernel(op, target, **spec)
     out = np.empty(q.shape, q.dtype)
     extra: list[Any] = []
     if op == onnx_ops.OP_SPARSE:

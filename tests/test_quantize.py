@@ -94,8 +94,9 @@ def test_quantize_rows_rounds_to_the_nearest_level(kind):
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("attention", ["dense", "dhsa"])
 def test_quantized_export_equals_the_dequantized_model(tmp_path, monkeypatch, family, kind, attention):
-    # in float32 (accuracy level 0) for 8-bit too: the default quantizes the activations to int8
+    # in float32 (accuracy level 0): the default quantizes the activations to int8 inside each matmul
     monkeypatch.setitem(quantize.ACCURACY_LEVEL, 8, 0)
+    monkeypatch.setitem(quantize.ACCURACY_LEVEL, 4, 0)
     lm = loaded(family)
     cfg = SMALL.with_(kind=attention)
     fmt = quantize.weight_format(kind)
