@@ -48,7 +48,9 @@ Examples:
 
   edgeattn export -o dense-gqa.onnx --attention dense --dense-op gqa   # ONNX Runtime's own GQA kernel
 
-  edgeattn export -o dhsa-int4.onnx --weights int4     # 4-bit weights (group 32): ~0.2x the bytes
+  edgeattn export -o dhsa-int4.onnx --weights int4     # 4-bit weights (group 32): 0.17x the bytes
+
+  edgeattn export -o dhsa-gguf.onnx --weights gguf     # the built-in Q4_K_M's own blocks, bit for bit
 
   edgeattn export ./gemma-2-2b -o g2.onnx --budget 1024 --layers all --verify
 """
