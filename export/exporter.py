@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,19 +133,18 @@ def resolve_dtype(dtype: str, weights: WeightFormat) -> str:
 
 def precision_table(per_tensor: dict[str, str], dtype: str, tied: bool) -> dict[str, Any]:
     """What precision each tensor ends up in (the manifest's answer to "what did I get?")."""
-    dense = "float16" if dtype == "float16" else "float32"
-    counts: dict[str, int] = {}
-    for how in per_tensor.values():
-        counts[how or dense] = counts.get(how or dense, 0) + 1
-    table = per_tensor.get("model.embed_tokens.weight") or dense
+    from edgeattn.export.graph import EMBEDDING_KEY, LM_HEAD_KEY
+
     return {
-        "matrices": counts,  # description -> how many of the linear / embedding / LM-head matrices
-        "embedding": table + (" -- stored once, shared with the LM head" if tied else ""),
-        "lm_head": "the embedding table (tied)" if tied else (per_tensor.get("lm_head.weight") or dense),
+        "matrices": dict(
+            Counter(per_tensor.values())
+        ),  # description -> how many of the linear / embedding / LM-head matrices
+        "embedding": per_tensor[EMBEDDING_KEY] + (" -- stored once, shared with the LM head" if tied else ""),
+        "lm_head": "the embedding table (tied)" if tied else per_tensor[LM_HEAD_KEY],
         "norms": "float32",
-        "activations": dense,
-        "kv_cache": dense,
-        "tensors": {k: v or dense for k, v in sorted(per_tensor.items())},
+        "activations": dtype,
+        "kv_cache": dtype,
+        "tensors": dict(sorted(per_tensor.items())),
     }
 
 
@@ -226,7 +226,7 @@ def export_loaded(
         ) from err
 
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    tied = "lm_head.weight" not in model.state_dict() or bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = graph.LM_HEAD_KEY not in per_tensor  # the writer asked for the table's key when it tied the head
     use_external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
     parent = output.parent if str(output.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))

@@ -34,6 +34,8 @@ SUPPORTED_FAMILIES = ("gemma2", "gemma3_text")
 _ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 BOUNDARIES_INPUT = "dhsa_boundaries"
+EMBEDDING_KEY = "model.embed_tokens.weight"  # the table; Gemma ties the LM head to it
+LM_HEAD_KEY = "lm_head.weight"  # an untied head's own weight
 # How dense and sliding-window layers are written (`edgeattn export --dense-op`):
 #   onnx      plain ONNX attention with an explicit [B,1,1,S,T] mask (any runtime; O(S*T) memory)
 #   edgeattn  one ai.edgeattn DenseFlashAttention node per layer (function body = the same masked
@@ -192,7 +194,7 @@ class _GemmaWriter:
             q, how = quantize.choose_block(
                 key, self.spec.weights, lambda: self.state[key].float().numpy(), self.spec.gguf
             )
-            self.precision[key] = how if q is not None else f"{how or self.spec.dtype}"
+            self.precision[key] = how or self.spec.dtype  # float weights: the graph's float type
             self._quantized[key] = None if q is None else self._write_block(key, q)
         return self._quantized[key]
 
@@ -219,7 +221,7 @@ class _GemmaWriter:
     def embedding(self, ids: str) -> str:
         """Rows of the embedding table for ``ids`` [B, S] -> [B, S, H] (before Gemma's sqrt(H) scale)."""
         nb = self.nb
-        key = "model.embed_tokens.weight"
+        key = EMBEDDING_KEY
         weight = self.quantized(key)
         if weight is None:
             return nb.op("Gather", self.weight(key), ids, axis=0)
@@ -414,7 +416,7 @@ class _GemmaWriter:
         h = self.rmsnorm(h, "model.norm.weight")
         if not spec.all_logits:
             h = nb.op("Slice", h, nb.i64(-1), nb.i64(np.iinfo(np.int64).max), nb.i64(1), hint="last_hidden")
-        head_key = "model.embed_tokens.weight" if self._tied() else "lm_head.weight"
+        head_key = EMBEDDING_KEY if self._tied() else LM_HEAD_KEY
         flat = nb.op("Reshape", h, nb.i64(-1, f.hidden))
         head = self.quantized(head_key)
         if head is not None:
@@ -442,11 +444,11 @@ class _GemmaWriter:
         return model
 
     def _tied(self) -> bool:
-        if "lm_head.weight" not in self.state:
+        if LM_HEAD_KEY not in self.state:
             return True
         return (
             bool(self.model.config.tie_word_embeddings)
-            or self.state["lm_head.weight"].data_ptr() == self.state["model.embed_tokens.weight"].data_ptr()
+            or self.state[LM_HEAD_KEY].data_ptr() == self.state[EMBEDDING_KEY].data_ptr()
         )
 
     def gelu_tanh(self, x: str) -> str:

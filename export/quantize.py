@@ -4,8 +4,7 @@ Why ONNX Runtime's ``MatMulNBits`` and ``GatherBlockQuantized`` (domain com.micr
 are the ops ONNX Runtime runs natively on packed 4/8-bit weights (its model builder writes them
 for every quantized LLM), so a quantized file never holds an fp32 copy of a weight, on disk or
 in the session.  The numbers come from ONNX Runtime's own weight-only quantizer
-(``onnxruntime.quantization.matmul_nbits_quantizer``, round-to-nearest, symmetric), not from
-code of ours.
+(``onnxruntime.quantization.matmul_nbits_quantizer``, round-to-nearest), not from code of ours.
 
 Layout (one layout for every quantized tensor): a weight ``W [N, K]`` (PyTorch's Linear layout,
 output features first) is cut along K into blocks of ``group`` values; each block has one fp32
@@ -226,6 +225,11 @@ def choose_block(
     return q, q.label + (f" (requantized from GGUF {gtype})" if gtype else "")
 
 
+def is_quantized_op(node: Any) -> bool:
+    """A ``MatMulNBits`` / ``GatherBlockQuantized`` node (the ops a quantized export adds)."""
+    return node.domain == MS_DOMAIN and node.op_type in QUANTIZED_OPS
+
+
 def stand_in(node: Any) -> tuple[Any, str, str] | None:
     """A standard-ONNX node with the same output type as a quantized op, for onnx's shape inference.
 
@@ -236,7 +240,7 @@ def stand_in(node: Any) -> tuple[Any, str, str] | None:
     """
     from onnx import helper
 
-    if node.domain != MS_DOMAIN or node.op_type not in QUANTIZED_OPS:
+    if not is_quantized_op(node):
         return None
     placeholder = f"{node.output[0]}__stand_in_weight"
     if node.op_type == "MatMulNBits":
@@ -259,6 +263,7 @@ __all__ = [
     "WeightFormat",
     "choose_block",
     "format_of_manifest",
+    "is_quantized_op",
     "quantize_rows",
     "stand_in",
     "weight_format",

@@ -596,9 +596,9 @@ def prepare_with_kernels(
     foreign = sorted(
         {f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx", ops.DOMAIN)}
     )
-    if any(op.endswith(("MatMulNBits", "GatherBlockQuantized")) for op in foreign):
-        from edgeattn.export.quantize import TVM_NOT_YET
+    from edgeattn.export.quantize import TVM_NOT_YET, is_quantized_op
 
+    if any(is_quantized_op(n) for n in model.graph.node):
         raise NotAnEdgeattnExport(TVM_NOT_YET.format(label=", ".join(foreign)))
     if foreign:
         raise NotAnEdgeattnExport(

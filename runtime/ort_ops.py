@@ -242,7 +242,7 @@ class SegmentedModel:
         # are held once here and fed to each as an input (ORT reads numpy inputs without a copy);
         # quantized ones stay initializers of each segment, as MatMulNBits prepacks only those
         # (fed as an input, it unpacks the whole table on every call: 1.3 s for Gemma 3's LM head)
-        quantized_inputs = {n for node in g.node if quantize.stand_in(node) is not None for n in node.input}
+        quantized_inputs = {n for node in g.node if quantize.is_quantized_op(node) for n in node.input}
         self.shared: dict[str, np.ndarray] = {
             n: numpy_helper.to_array(inits[n])
             for n, used in consumers.items()
