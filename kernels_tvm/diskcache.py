@@ -2,16 +2,22 @@
 
 Every run of the model needs about eight kernels (dense flash with and without a
 window, DHSA selection and attention, their decode variants); compiling them
-takes seconds each.  The cache key is the SHA-256 of the kernel's TIR script,
-the target and the TVM version: any change to a schedule, a spec or TVM gives a
-new key, so a stale library is never loaded.  Only libraries for this machine's
-own CPU are cached (a cross-compiled one cannot be loaded here anyway).  The
-cache lives in ``$EDGEATTN_CACHE/kernels`` (``~/.cache/edgeattn/kernels``);
+takes seconds each, and even building their IR does: TVMScript's parser spends
+~1 s per attention kernel walking Python's stack for each macro (~5 s per
+`edgeattn run` start with torch loaded).  So the key is computed *before* any
+IR exists, from what the IR is made of: the SHA-256 of the kernel package's own
+source files, the TVM version, the target, and the kernel's description (its
+spec and schedule).  Any change to a schedule, a spec, the kernel code or TVM
+gives a new key, so a stale library is never loaded, and a hit loads the
+library without building the IR at all.  Only libraries for this machine's own
+CPU are cached (a cross-compiled one cannot be loaded here anyway).  The cache
+lives in ``$EDGEATTN_CACHE/kernels`` (``~/.cache/edgeattn/kernels``);
 ``EDGEATTN_KERNEL_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -37,23 +43,36 @@ def cacheable(target: tvm.target.Target) -> bool:
     return not triple or triple.startswith(os.uname().machine)
 
 
-def key_of(mod: tvm.IRModule, target: tvm.target.Target) -> str:
-    text = "\n".join([tvm.__version__, str(target), mod.script()])
+@functools.cache
+def code_fingerprint() -> str:
+    """SHA-256 of every source file of the kernel package: the code that writes the IR."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def key_of(description: Any, target: tvm.target.Target) -> str:
+    """The cache key of the kernel ``description`` (a repr-stable spec/schedule tuple) for ``target``."""
+    text = "\n".join([tvm.__version__, str(target), code_fingerprint(), repr(description)])
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
-def compile_cached(mod: tvm.IRModule, target: tvm.target.Target, compile_fn: Callable[..., Any]) -> Any:
-    """``compile_fn(mod, target)``, or the library it produced before for the same code and target."""
+def compile_cached(description: Any, target: tvm.target.Target, compile_fn: Callable[[], Any]) -> Any:
+    """``compile_fn()``, or the library it produced before for the same kernel and target.
+
+    ``compile_fn`` builds the IR and compiles it; it is not called on a hit.
+    """
     folder = cache_dir()
     if folder is None or not cacheable(target):
-        return compile_fn(mod, target)
-    path = folder / f"{key_of(mod, target)}.so"
+        return compile_fn()
+    path = folder / f"{key_of(description, target)}.so"
     if path.is_file():
         try:
             return tvm.runtime.load_module(str(path))
         except Exception:  # a truncated or foreign file: rebuild it
             path.unlink(missing_ok=True)
-    lib = compile_fn(mod, target)
+    lib = compile_fn()
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=folder)
     os.close(fd)

@@ -116,7 +116,8 @@ def kernel(name: str, target: tvm.target.Target, lanes: int, **static: Any) -> A
     if hit is not None:
         return hit
     builders = {"gelu_mul": gelu_mul_module, "rms_norm": rms_norm_module, "rope": rope_module}
-    mod = builders[name](lanes=lanes, **static)
-    lib = diskcache.compile_cached(mod, target, lambda m, t: tvm.compile(m, target=t))
+    lib = diskcache.compile_cached(
+        ("elementwise",) + key, target, lambda: tvm.compile(builders[name](lanes=lanes, **static), target=target)
+    )
     with _lock:
         return _compiled.setdefault(key, lib["main"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +41,30 @@ _cache: dict[tuple, CompiledKernel] = {}
 
 @dataclass
 class CompiledKernel:
+    """A kernel and its compiled library; the IRModule is built only when asked for (``mod``).
+
+    Building the IR means parsing TVMScript (~1 s a kernel), and a library loaded from the
+    disk cache does not need it.
+    """
+
     spec: KernelSpec
     target: tvm.target.Target
-    mod: tvm.IRModule
+    build: Callable[[], tvm.IRModule] | None = field(default=None, repr=False)
     lib: Any = None
     compile_s: float = 0.0
     schedule: Any = None  # cpu.CpuSchedule the CPU attention kernels were built with (None: other kernels)
     schedule_source: str = ""  # "default" or "tuned (<record file>)"
+    _mod: tvm.IRModule | None = field(default=None, repr=False)
     _func: Any = field(default=None, repr=False)
+
+    @property
+    def mod(self) -> tvm.IRModule:
+        """The kernel's IRModule (Relax call_tir, cross-compilation, inspection)."""
+        if self._mod is None:
+            if self.build is None:
+                raise ValueError(f"this {self.spec.op} kernel was made from a library alone: it has no IRModule")
+            self._mod = self.build()
+        return self._mod
 
     @property
     def symbol(self) -> str:
@@ -146,14 +163,14 @@ def get_kernel(op: str, target: Any = None, *, compile: bool = True, **kw: Any) 
         hit = _cache.get(key)
     if hit is not None:
         return hit
-    if schedule is not None:
-        mod = cpu.build(spec, tgt, schedule)
-    else:
-        mod = builder_for(tgt)(spec, tgt)
-    kern = CompiledKernel(spec=spec, target=tgt, mod=mod, schedule=schedule, schedule_source=source)
+
+    def build() -> tvm.IRModule:
+        return cpu.build(spec, tgt, schedule) if schedule is not None else builder_for(tgt)(spec, tgt)
+
+    kern = CompiledKernel(spec=spec, target=tgt, build=build, schedule=schedule, schedule_source=source)
     if compile:
         t0 = time.perf_counter()
-        kern.lib = diskcache.compile_cached(mod, tgt, compile_module)
+        kern.lib = diskcache.compile_cached((spec.key(), schedule), tgt, lambda: compile_module(kern.mod, tgt))
         kern.compile_s = time.perf_counter() - t0
     with _lock:
         return _cache.setdefault(key, kern)

@@ -30,15 +30,34 @@ def test_second_compile_loads_the_cached_library(kernel_cache) -> None:
     np.testing.assert_array_equal(first.numpy(), again.numpy())
 
 
+def test_a_hit_does_not_build_the_ir(kernel_cache) -> None:
+    """The key comes before the IR: a cached library is loaded without parsing TVMScript (~1 s a kernel)."""
+    from edgeattn.kernels_tvm.abi import OP_DENSE
+
+    kw = dict(heads_q=2, heads_kv=1, head_dim=32, window=24)
+    built = registry.get_kernel(OP_DENSE, **kw)
+    assert built._mod is not None  # a miss builds the IR to compile it
+    registry.clear_cache()
+    loaded = registry.get_kernel(OP_DENSE, **kw)
+    assert loaded._mod is None and loaded.lib is not None
+    tvm_mod = loaded.mod  # still there when asked for
+    assert loaded.symbol in [gv.name_hint for gv in tvm_mod.get_global_vars()]
+    # another schedule, another spec or another target is another key
+    other = dict(kw, window=25)
+    assert diskcache.key_of((registry.make_spec(OP_DENSE, **other).key(), built.schedule), built.target) != (
+        diskcache.key_of((built.spec.key(), built.schedule), built.target)
+    )
+
+
 def test_a_damaged_library_is_rebuilt(kernel_cache) -> None:
     """Never trusted, never fatal: a garbage file under the right key is replaced by a fresh build."""
     from edgeattn.kernels_tvm.abi import OP_DENSE
 
     kw = dict(heads_q=2, heads_kv=1, head_dim=32, window=24)
-    ref = registry.get_kernel(OP_DENSE, compile=False, **kw)
-    path = kernel_cache / f"{diskcache.key_of(ref.mod, ref.target)}.so"
-    kernel_cache.mkdir(parents=True)
+    registry.get_kernel(OP_DENSE, **kw)
+    (path,) = kernel_cache.glob("*.so")
     path.write_bytes(b"\x7fELF garbage")
+    registry.clear_cache()
     kern = registry.get_kernel(OP_DENSE, **kw)
     q, k, v = torch.randn(2, 70, 32), torch.randn(1, 70, 32), torch.randn(1, 70, 32)
     out = registry.empty((2, 70, 32))

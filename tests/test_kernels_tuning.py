@@ -157,7 +157,7 @@ def test_short_real_tuning_run_writes_a_valid_file_atomically(records, monkeypat
     chosen = cpu.CpuSchedule(**rec["schedule"])
     assert cpu.schedule_for(SPEC, host()) == chosen  # what the file says is what gets built
     lib = registry.compile_module(cpu.build(SPEC, host(), chosen), host())
-    kern = registry.CompiledKernel(spec=SPEC, target=host(), mod=None, lib=lib)
+    kern = registry.CompiledKernel(spec=SPEC, target=host(), lib=lib)
     assert run_dense(kern, length=131) < 1e-4
 
     # a write that fails half-way leaves the old file as it was and no temp file behind
