@@ -2,6 +2,8 @@
 # Set up everything the tests need on a fresh machine, then run them.
 #   bash scripts/test.sh              # the CI suite (slow sweeps excluded)
 #   bash scripts/test.sh -m slow      # extra pytest arguments pass through
+# Two pytest-xdist workers, one test file each at a time (module fixtures such as the emulated board
+# start once); EDGEATTN_TEST_WORKERS=0 runs everything in this one process (e.g. for pdb).
 # Set EDGEATTN_NO_SYSTEM_SETUP=1 to skip the apt/emulator steps (their tests then skip, saying why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ if [ -z "${EDGEATTN_NO_SYSTEM_SETUP:-}" ]; then
 fi
 
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "${EDGEATTN_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
