@@ -11,7 +11,9 @@ spec and schedule).  Any change to a schedule, a spec, the kernel code or TVM
 gives a new key, so a stale library is never loaded, and a hit loads the
 library without building the IR at all.  Only libraries for this machine's own
 CPU are cached (a cross-compiled one cannot be loaded here anyway).  The cache
-lives in ``$EDGEATTN_CACHE/kernels`` (``~/.cache/edgeattn/kernels``);
+lives in ``$EDGEATTN_CACHE/kernels`` (``~/.cache/edgeattn/kernels``), or in
+``$EDGEATTN_KERNEL_CACHE_DIR`` when that is set (one kernel cache for several model caches: the
+test suite gives each test its own ``$EDGEATTN_CACHE`` but shares its kernels);
 ``EDGEATTN_KERNEL_CACHE=0`` turns it off.
 """
 
@@ -31,6 +33,8 @@ import tvm
 def cache_dir() -> Path | None:
     if os.environ.get("EDGEATTN_KERNEL_CACHE", "1") == "0":
         return None
+    if os.environ.get("EDGEATTN_KERNEL_CACHE_DIR"):
+        return Path(os.environ["EDGEATTN_KERNEL_CACHE_DIR"])
     root = Path(os.environ.get("EDGEATTN_CACHE", Path.home() / ".cache" / "edgeattn"))
     return root / "kernels"
 
