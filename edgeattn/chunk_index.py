@@ -508,6 +508,7 @@ def attend_tvm(
         scaling=scaling,
         softcap=softcap,
         window=window,
+        kv_dtype="float16" if k.dtype == torch.float16 else None,
     )
     bnd = index.kernel_boundaries()
     counts = sel.keep.sum(-1)  # [B, H]

@@ -198,6 +198,13 @@ def run(
         ),
     ] = "fp32",
     group_size: Annotated[int | None, typer.Option(help=GROUP_HELP, show_default=False)] = None,
+    kv_dtype: Annotated[
+        str,
+        typer.Option(
+            help="The torch backend's KV cache: float32 or float16 (half the cache, read as it is by the TVM "
+            "kernels; the activations stay float32). The transformers row keeps the model's own cache."
+        ),
+    ] = "float32",
     shipped: Annotated[
         bool,
         typer.Option(
@@ -224,6 +231,8 @@ def run(
       edgeattn run --backend torch,ort --kernels tvm
 
       edgeattn run --backend ort --weights int4 --no-shipped   # 4-bit weights on ONNX Runtime
+
+      edgeattn run --synthetic-length 32768 --kv-dtype float16   # half the KV cache
 
       edgeattn run ./my-gemma2-dir --prompt-file notes.txt
 
@@ -264,6 +273,7 @@ def run(
         tracker=tracker,
         key=key,
         weights=weight_format(weights, group_size),
+        kv_dtype=kv_dtype,
     )
     header, results = host.run_on_host(request, log=_log)
     if as_json:

@@ -49,6 +49,9 @@ def _edgeattn_attention(
     captured = getattr(module, _CAPTURE_ATTR, None)
     if captured is not None:
         captured.append(CapturedAttention(query, key, value, scaling, sliding_window, softcap))
+    if key.dtype != query.dtype and getattr(module, _KERNELS_ATTR, "reference") != "tvm":
+        # a float16 KV cache under a float32 model: the TVM kernels read it as it is, the PyTorch paths need one dtype
+        key, value = key.to(query.dtype), value.to(query.dtype)
     if cfg is None:
         if getattr(module, _KERNELS_ATTR, "reference") == "tvm":
             cfg = AttentionConfig(kind="dense")  # every layer on our kernels: dense flash with the layer's window

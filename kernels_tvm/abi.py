@@ -74,6 +74,7 @@ class KernelSpec:
     heads_kv: int
     head_dim: int
     dtype: str = "float32"
+    kv_dtype: str | None = None  # K and V (a float16 KV cache under float32 queries); None: ``dtype``
     scaling: float | None = None
     softcap: float | None = None
     window: int | None = None
@@ -95,6 +96,8 @@ class KernelSpec:
             raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
+        if self.kv_dtype not in (None, "float32", "float16"):
+            raise ValueError(f"kv_dtype must be float32, float16 or None (as dtype), got {self.kv_dtype!r}")
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if self.softcap is not None and self.softcap < 0:
@@ -112,6 +115,11 @@ class KernelSpec:
     @property
     def group(self) -> int:
         return self.heads_q // self.heads_kv
+
+    @property
+    def kv_type(self) -> str:
+        """The dtype of K and V (``kv_dtype``, else ``dtype``)."""
+        return self.kv_dtype or self.dtype
 
     @property
     def scale(self) -> float:
@@ -133,6 +141,8 @@ class KernelSpec:
     def key(self) -> tuple:
         """The part of the spec that changes the generated code for ``op`` (cache key)."""
         common = (self.op, self.heads_q, self.heads_kv, self.head_dim, self.dtype)
+        if self.kv_type != self.dtype:
+            common += ("kv", self.kv_type)
         if self.op == OP_SELECT:
             band = (self.local,) if self.local else ()
             window = ("observe", self.observe, self.vertical) if self.observe and self.vertical else ()

@@ -91,6 +91,7 @@ def default_schedule(spec: KernelSpec, target: tvm.target.Target) -> CpuSchedule
 def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
     hq, hkv, d, g = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group
     dtype = spec.dtype
+    kv_dtype = spec.kv_type
     scale = spec.scale
     cap = spec.cap
     win = spec.win
@@ -117,7 +118,7 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
     # a fixed number of parallel lanes, each taking every par-th work item: TVM hands each thread
     # a contiguous block of lanes, and every lane samples the (causally growing) work uniformly
     par = sch.par
-    fpl = 16 if spec.dtype == "float32" else 32  # elements per 64-byte cache line
+    fpl = 16 if kv_dtype == "float32" else 32  # K/V elements per 64-byte cache line
     lines = (d + fpl - 1) // fpl
 
     has_cap = bool(cap)
@@ -322,8 +323,8 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
             Nq = T.int32()
             M = T.int32()
             Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
-            K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
-            V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
+            K = T.match_buffer(k_h, (hkv, Lk, d), kv_dtype)
+            V = T.match_buffer(v_h, (hkv, Lk, d), kv_dtype)
             B = T.match_buffer(b_h, (Nc1,), "int32")
             SEL = T.match_buffer(sel_h, (hkv, Nq, M), "int32")
             NSEL = T.match_buffer(nsel_h, (hkv, Nq), "int32")
@@ -385,8 +386,8 @@ def _attention_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool):
         Lq = T.int32()
         Lk = T.int32()
         Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
-        K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
-        V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
+        K = T.match_buffer(k_h, (hkv, Lk, d), kv_dtype)
+        V = T.match_buffer(v_h, (hkv, Lk, d), kv_dtype)
         OUT = T.match_buffer(o_h, (hq, Lq, d), dtype)
         for lane in T.parallel(par):
             Qt = T.alloc_buffer((nrb_all, d, rb), "float32")
@@ -428,6 +429,7 @@ def _decode_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool, parts: in
     """
     hq, hkv, d, g = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group
     dtype = spec.dtype
+    kv_dtype = spec.kv_type
     scale = spec.scale
     cap = spec.cap
     win = spec.win
@@ -532,8 +534,8 @@ def _decode_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool, parts: in
             Nq = T.int32()
             M = T.int32()
             Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
-            K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
-            V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
+            K = T.match_buffer(k_h, (hkv, Lk, d), kv_dtype)
+            V = T.match_buffer(v_h, (hkv, Lk, d), kv_dtype)
             B = T.match_buffer(b_h, (Nc1,), "int32")
             SEL = T.match_buffer(sel_h, (hkv, Nq, M), "int32")
             NSEL = T.match_buffer(nsel_h, (hkv, Nq), "int32")
@@ -604,8 +606,8 @@ def _decode_primfunc(spec: KernelSpec, sch: CpuSchedule, sparse: bool, parts: in
         Lq = T.int32()
         Lk = T.int32()
         Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
-        K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
-        V = T.match_buffer(v_h, (hkv, Lk, d), dtype)
+        K = T.match_buffer(k_h, (hkv, Lk, d), kv_dtype)
+        V = T.match_buffer(v_h, (hkv, Lk, d), kv_dtype)
         OUT = T.match_buffer(o_h, (hq, Lq, d), dtype)
         PM = T.alloc_buffer((hkv, parts, g), "float32")
         PL = T.alloc_buffer((hkv, parts, g), "float32")

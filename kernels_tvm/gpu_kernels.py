@@ -612,6 +612,11 @@ def build(spec: KernelSpec, target: Any) -> tvm.IRModule:
     kind = target.kind.name if target is not None else None
     if kind not in ("opencl", "cuda"):
         raise ValueError(f"gpu_kernels.build needs an opencl or cuda target, got {kind!r}; CPU targets use cpu.build")
+    if spec.kv_type != spec.dtype:
+        raise NotImplementedError(
+            f"the GPU kernels take one dtype for Q, K and V; got {spec.dtype} queries over {spec.kv_type} K/V "
+            "(a float16 KV cache under float32 queries runs on the CPU kernels)"
+        )
     if spec.decode and spec.op in (OP_SPARSE, OP_DENSE):
         return build_decode_attention(spec, target)
     return _BUILDERS[spec.op](spec, target)

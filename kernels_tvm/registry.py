@@ -276,15 +276,23 @@ def run_layer(
     Same contract as :func:`edgeattn.dhsa.attention` (boundaries partition the keys, default
     fixed chunks of ``cfg.chunk_size``; block-sparse always uses fixed blocks), run by the
     TVM kernels.  Accepts and returns torch tensors or numpy arrays (the type of ``q``).
+    Queries and the output are float32; float16 torch K and V (a float16 KV cache) are read
+    as they are, by kernels built for float16 K/V, never copied to float32.
     ``times`` (a LayerTimes) accumulates selection and attention wall time.
     With ``return_selection`` also returns (sel, nsel) numpy arrays per batch item.
     """
     import torch
 
     is_torch = isinstance(q, torch.Tensor)
+    half_kv = is_torch and k.dtype == torch.float16 and v.dtype == torch.float16
     qn = q.detach().float().contiguous() if is_torch else torch.from_numpy(np.ascontiguousarray(q, np.float32))
-    kn = k.detach().float().contiguous() if is_torch else torch.from_numpy(np.ascontiguousarray(k, np.float32))
-    vn = v.detach().float().contiguous() if is_torch else torch.from_numpy(np.ascontiguousarray(v, np.float32))
+    if half_kv:
+        kn, vn = k.detach().contiguous(), v.detach().contiguous()
+    elif is_torch:
+        kn, vn = k.detach().float().contiguous(), v.detach().float().contiguous()
+    else:
+        kn = torch.from_numpy(np.ascontiguousarray(k, np.float32))
+        vn = torch.from_numpy(np.ascontiguousarray(v, np.float32))
     squeeze = qn.dim() == 3
     if squeeze:
         qn, kn, vn = qn[None], kn[None], vn[None]
@@ -302,6 +310,8 @@ def run_layer(
     ob = [x if is_aligned(x) else empty(x.shape) for x in res]
     decode = lq == 1
     common = dict(heads_q=hq, heads_kv=hkv, head_dim=d, scaling=scaling, softcap=softcap, window=window)
+    if half_kv:
+        common["kv_dtype"] = "float16"
     selections = []
     if cfg.kind == "dense":
         kern = layer_kernel(OP_DENSE, target, decode=decode, **common)
@@ -329,6 +339,7 @@ def run_layer(
             budget=cfg.budget,
             sinks=cfg.sinks,
             normalize=cfg.kind == "dhsa",
+            kv_dtype=common.get("kv_dtype"),
             local=getattr(cfg, "local", 0),
             observe=getattr(cfg, "observe", 0),
             vertical=getattr(cfg, "vertical_tokens", 0),

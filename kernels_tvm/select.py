@@ -91,7 +91,7 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
     if spec.op != OP_SELECT:
         raise ValueError(f"build_chunk_select needs op {OP_SELECT}, got {spec.op}")
     hq, hkv, d, g = spec.heads_q, spec.heads_kv, spec.head_dim, spec.group
-    dtype = spec.dtype
+    dtype, kv_dtype = spec.dtype, spec.kv_type
     budget, sinks = int(spec.budget), int(spec.sinks)
     normalize = bool(spec.normalize)
     local = int(spec.local)
@@ -111,7 +111,7 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
         Nq = T.int32()
         M = T.int32()
         Q = T.match_buffer(q_h, (hq, Lq, d), dtype)
-        K = T.match_buffer(k_h, (hkv, Lk, d), dtype)
+        K = T.match_buffer(k_h, (hkv, Lk, d), kv_dtype)
         B = T.match_buffer(b_h, (Nc1,), "int32")
         SEL = T.match_buffer(sel_h, (hkv, Nq, M), "int32")
         NSEL = T.match_buffer(nsel_h, (hkv, Nq), "int32")

@@ -45,6 +45,7 @@ class RunRequest:
     tracker: str | None = None  # HOST:PORT of a TVM RPC tracker, overriding the profile's
     key: str | None = None  # the device key at that tracker
     weights: WeightFormat = field(default_factory=WeightFormat)  # the ort backend's export: fp32, int4, gguf, ...
+    kv_dtype: str = "float32"  # the torch backend's KV cache: float32 or float16 (runtime/kv_cache.py)
 
 
 def kernels_available() -> str:
@@ -81,8 +82,27 @@ def _check_request(req: RunRequest) -> None:
             )
         if req.device != "host":
             raise ConfigError(f"--weights {req.weights.label} runs on this machine's ort backend; leave out --device")
+    _check_kv_dtype(req)
     if req.prompt_file is not None and not req.prompt_file.is_file():
         raise FileNotFoundError(f"--prompt-file {req.prompt_file}: no such file")
+
+
+def _check_kv_dtype(req: RunRequest) -> None:
+    """A float16 KV cache is the torch backend's (its cache, our CPU kernels); say where else it is not."""
+    from edgeattn.runtime.kv_cache import KV_DTYPES
+
+    if req.kv_dtype not in KV_DTYPES:
+        raise ConfigError(f"--kv-dtype takes {' or '.join(KV_DTYPES)}, got {req.kv_dtype!r}")
+    if req.kv_dtype == "float32":
+        return
+    others = set(req.backends or ["torch"]) - {"torch"}
+    if others or exported_file(req.model) is not None or artifact_folder(req.model) is not None:
+        raise ConfigError(
+            f"--kv-dtype {req.kv_dtype} runs on --backend torch only: the exported graph's KV cache has the "
+            "graph's dtype (export with --weights fp16 for a float16 graph, cache included)"
+        )
+    if req.device != "host":
+        raise ConfigError(f"--kv-dtype {req.kv_dtype} runs on this machine's torch backend; leave out --device")
 
 
 def prompt_ids(req: RunRequest, tokenizer: Any, path: Path) -> list[int]:
@@ -151,6 +171,7 @@ def run_on_host(
         kernels=req.kernels,
         layers=req.layers,
         weights=req.weights.label,
+        kv_dtype=req.kv_dtype,
     )
     if req.device != "host":
         from edgeattn.runtime.device_run import run_on_device
@@ -161,6 +182,8 @@ def run_on_host(
     for session, layers in _sessions(req, loaded):
         manifest = getattr(session, "manifest", None)
         row_fp = _footprint(hf_config, manifest, session.info.backend, session.info.kernels)
+        if session.info.backend == "torch" and req.kv_dtype == "float16":
+            row_fp = memory.with_kv_dtype_bytes(row_fp, 2)
         results.append(_measure(req, session, ids, hf_config, row_fp, granularity, loaded.tokenizer, log, layers))
     return header, results
 
@@ -285,7 +308,9 @@ def _sessions(req: RunRequest, loaded: Any):
         for cfg in req.configs:
             boundary_fn = _boundary_fn(cfg, loaded)
             if backend == "torch":
-                s = TorchSession(loaded, cfg, kernels=req.kernels, layers=req.layers, boundary_fn=boundary_fn)
+                s = TorchSession(
+                    loaded, cfg, kernels=req.kernels, layers=req.layers, boundary_fn=boundary_fn, kv_dtype=req.kv_dtype
+                )
                 yield s, (s.layers if cfg.kind != "dense" else [])
             elif backend == "ort":
                 yield _ort_session(req, loaded, cfg), []

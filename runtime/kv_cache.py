@@ -9,6 +9,10 @@ decode step is memory-bound, so that copy alone hides most of what sparse decode
 full, so appends cost O(1) amortised and the slack stays small for the memory plan) and hands
 out views of the filled part.  The views are contiguous only when batch x KV heads is 1, which
 the kernels need zero-copy; otherwise the layer falls back to concatenation.
+
+``new_cache(config, dtype=torch.float16)`` stores K and V in float16 under a float32 model
+(``edgeattn run --kv-dtype float16``): every layer casts what it is given as it stores it, and
+the TVM kernels read float16 K/V as they are, so the cache and the traffic of reading it halve.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 GROWTH = 1.125
 SLACK_TOKENS = 256
@@ -28,9 +32,15 @@ class GrowingLayer(DynamicLayer):
     _kbuf: torch.Tensor | None = None
     _vbuf: torch.Tensor | None = None
 
+    def __init__(self, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.store_dtype = dtype  # None: as given
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.store_dtype is not None:
+            key_states, value_states = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
         b, h, add, d = key_states.shape
         if b * h != 1:  # views of spare storage would not be contiguous: concatenate as transformers does
             return super().update(key_states, value_states, *args, **kwargs)
@@ -58,8 +68,37 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
 
-def new_cache(config: Any) -> DynamicCache:
-    """A DynamicCache for ``config`` whose full-attention layers are :class:`GrowingLayer` s."""
+class CastingSlidingLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer, storing K and V in ``dtype``."""
+
+    def __init__(self, sliding_window: int, dtype: torch.dtype, **kwargs: Any) -> None:
+        super().__init__(sliding_window=sliding_window, **kwargs)
+        self.store_dtype = dtype
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().update(key_states.to(self.store_dtype), value_states.to(self.store_dtype), *args, **kwargs)
+
+
+KV_DTYPES = {"float32": None, "float16": torch.float16}  # --kv-dtype -> the stored dtype (None: the model's)
+
+
+def new_cache(config: Any, dtype: torch.dtype | None = None) -> DynamicCache:
+    """A DynamicCache for ``config`` whose full-attention layers are :class:`GrowingLayer` s.
+
+    ``dtype``: store K and V in it (float16 under a float32 model); None stores what the model computes.
+    """
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layers.append(GrowingLayer(dtype))
+        elif dtype is not None and type(layer) is DynamicSlidingWindowLayer:
+            layers.append(CastingSlidingLayer(layer.sliding_window, dtype))
+        elif dtype is not None:
+            raise NotImplementedError(f"a {dtype} KV cache has no {type(layer).__name__} layer; leave out --kv-dtype")
+        else:
+            layers.append(layer)
+    cache.layers = layers
     return cache

@@ -11,7 +11,7 @@ refused with the numbers, before a byte is allocated.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edgeattn.config import ConfigError
@@ -75,6 +75,16 @@ class Footprint:
         kv_copy = context * self.kv_per_token_layer  # one layer's cache concatenated with the step's keys
         masks = chunk * context * self.mask_bytes_per_score
         return chunk * self.activation_per_token + kv_copy + masks + 4 * self.vocab * 4
+
+
+def with_kv_dtype_bytes(fp: Footprint, kv_bytes: int, model_bytes: int = 4) -> Footprint:
+    """``fp`` with its KV cache stored at ``kv_bytes`` per element instead of the model's ``model_bytes``."""
+    return replace(
+        fp,
+        kv_per_token_global=fp.kv_per_token_global * kv_bytes // model_bytes,
+        kv_per_token_sliding=fp.kv_per_token_sliding * kv_bytes // model_bytes,
+        kv_per_token_layer=fp.kv_per_token_layer * kv_bytes // model_bytes,
+    )
 
 
 # Measured peak activation / counted live activation, per backend (see footprint_of).

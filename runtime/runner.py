@@ -177,6 +177,8 @@ def format_table(header: dict[str, Any], results: list[RunResult]) -> str:
         head += f" | window {header['observe']}" if header["observe"] else " | no window (paper's selection)"
     if header.get("weights") not in (None, "fp32"):
         head += f" | weights {header['weights']}"
+    if header.get("kv_dtype") not in (None, "float32"):
+        head += f" | KV cache {header['kv_dtype']} (torch rows)"
     if header.get("memory_budget_mib"):
         head += f" | memory budget {header['memory_budget_mib']} MiB"
     lines = [head, ""]

@@ -39,6 +39,7 @@ class TorchSession:
         boundary_fn: Callable[..., Any] | None = None,
         as_shipped: bool = False,
         incremental: bool = True,
+        kv_dtype: str = "float32",
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -51,6 +52,8 @@ class TorchSession:
             self.layers = patching.parse_layers(layers, self.model.config)
             self.info = SessionInfo(backend="torch", attention=cfg.kind, kernels=kernels)
         self._kernels = kernels
+        # K/V stored as float16 under the float32 model (--kv-dtype); the shipped baseline keeps its own cache
+        self._kv_dtype = None if as_shipped else kv_cache.KV_DTYPES[kv_dtype]
         self._layers_spec = layers
         self._boundary_fn = boundary_fn
         self._cache: Any = None
@@ -69,8 +72,11 @@ class TorchSession:
         # patched per call: several sessions may share one model object, one at a time
         if self._as_shipped:
             patching.unpatch(self.model)
-        elif self.cfg.kind == "dense" and self._kernels == "reference":
+        elif self.cfg.kind == "dense" and self._kernels == "reference" and self._kv_dtype is None:
             patching.unpatch(self.model)  # the reference's dense attention is the model's own
+        elif self.cfg.kind == "dense" and self._kernels == "reference":
+            # the model's own attention, behind ours only to read the float16 cache in the model's dtype
+            patching.patch(self.model, self.cfg, [], kernels="reference")
         else:
             patching.patch(
                 self.model,
@@ -95,7 +101,7 @@ class TorchSession:
             if self._as_shipped:
                 self._cache = DynamicCache(config=self.model.config)
             else:  # appends in place: no whole-cache copy per decode step (runtime/kv_cache.py)
-                self._cache = kv_cache.new_cache(self.model.config)
+                self._cache = kv_cache.new_cache(self.model.config, self._kv_dtype)
             self.index = self._new_index()
         self._patch()
         try:
