@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from edgeattn import dhsa, patching, text
 from edgeattn.config import AttentionConfig
@@ -54,18 +55,24 @@ def test_realistic_budget_stays_fluent_on_4k_prompt(real_model) -> None:
     tail = 256
     targets = ids[0, -tail + 1 :]
 
-    def score() -> tuple[torch.Tensor, float]:
+    def score(cache=None) -> tuple[torch.Tensor, float, torch.Tensor]:
         with torch.inference_mode():
-            logits = model(input_ids=ids, logits_to_keep=tail).logits[0, :-1]
-        nll = torch.nn.functional.cross_entropy(logits, targets).item()
-        return logits.argmax(-1), nll
+            out = model(input_ids=ids, logits_to_keep=tail, cache=cache, use_cache=cache is not None).logits[0]
+        nll = torch.nn.functional.cross_entropy(out[:-1], targets).item()
+        return out[:-1].argmax(-1), nll, out[-1].argmax()
 
     patching.patch(model, AttentionConfig(kind="dense"), "global", kernels="tvm")
     try:
-        dense_top1, dense_nll = score()
+        dense_top1, dense_nll, _ = score()
         patching.patch(model, AttentionConfig(budget=1024, chunk_size=32, sinks=4), "global", kernels="tvm")
-        sparse_top1, sparse_nll = score()
-        cont = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :]
+        cache = DynamicCache(config=model.config)
+        sparse_top1, sparse_nll, nxt = score(cache)
+        cont = [int(nxt)]  # greedy continuation on the prefill's own cache (no second 4K prefill)
+        with torch.inference_mode():
+            for _ in range(15):
+                out = model(input_ids=torch.tensor([[cont[-1]]]), cache=cache, use_cache=True, logits_to_keep=1)
+                cont.append(int(out.logits[0, -1].argmax()))
+        cont = torch.tensor(cont)
     finally:
         patching.unpatch(model)
     agreement = (sparse_top1 == dense_top1).float().mean().item()
