@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, DEFAULT_OBSERVE
+from edgeattn.runtime.threads import one_torch_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, set_threads, table, time_it, write_json  # noqa: E402
@@ -167,7 +168,7 @@ def attention_only(k: torch.Tensor, v: torch.Tensor, cfg: Any, kernels: str, rep
         kn, vn = k[:, :, :n], v[:, :, :n]
         dense_t = time_it(dense_fn)[0]
         t0 = time.perf_counter()
-        with ci.one_torch_thread():  # as IndexState.attend runs it
+        with one_torch_thread():  # as IndexState.attend runs it
             idx.append(kn)
             sel = idx.select(q, cfg, kn)
             ta = time.perf_counter()
@@ -177,7 +178,7 @@ def attention_only(k: torch.Tensor, v: torch.Tensor, cfg: Any, kernels: str, rep
                 ci.attend_reference(q, kn, vn, sel, idx, cfg.sinks, scale)
         t1 = time.perf_counter()
         if kernels == "tvm":  # the alternative: gather the kept keys, dense decode kernel on them
-            with ci.one_torch_thread():
+            with one_torch_thread():
                 pos = ci.kept_positions(sel, idx, 0, 0, cfg.sinks)
                 kg, vg = kn[:, :, pos].contiguous(), vn[:, :, pos].contiguous()
             registry.run_layer(q, kg, vg, AttentionConfig(kind="dense"), scaling=scale)

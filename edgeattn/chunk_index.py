@@ -45,8 +45,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +53,7 @@ import torch.nn.functional as F
 
 from edgeattn import dhsa
 from edgeattn.config import AttentionConfig, ConfigError
+from edgeattn.runtime.threads import one_torch_thread
 
 # ------------------------------------------------------------------ chunking rules
 
@@ -526,25 +525,6 @@ def attend_tvm(
 
 
 # ------------------------------------------------------------------ per-session state
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the index's small tensor ops (O(#chunks) elements) on one torch thread.
-
-    Entering an OpenMP parallel region costs more than such an op: on a busy 2-core machine a
-    2048-element sqrt took 14 ms with 2 threads and microseconds with 1 (the selection 16 ms vs
-    0.9 ms).  The TIR kernels use TVM's own pool and are not affected.
-    """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def model_signature(model: Any, cfg: AttentionConfig, rule: ChunkRule, layers: list[int]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ sparsity from the gain from our kernels:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 
 from edgeattn import fused_ops, patching
 from edgeattn.config import AttentionConfig
-from edgeattn.runtime import kv_cache
+from edgeattn.runtime import kv_cache, threads
 from edgeattn.runtime.session import SessionInfo
 
 
@@ -104,8 +105,10 @@ class TorchSession:
                 self._cache = kv_cache.new_cache(self.model.config, self._kv_dtype)
             self.index = self._new_index()
         self._patch()
+        # a decode step beside our kernels runs torch on one thread (runtime/threads.one_torch_thread says why)
+        one_thread = len(ids) == 1 and self._kernels == "tvm" and not self._as_shipped
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), threads.one_torch_thread() if one_thread else contextlib.nullcontext():
                 out = self.model(
                     input_ids=torch.tensor([list(ids)], dtype=torch.long),
                     cache=self._cache,

@@ -57,3 +57,30 @@ def test_model_decodes_the_same_on_the_growing_cache() -> None:
         outs.append(torch.stack(logits))
     assert any(isinstance(layer, kv_cache.GrowingLayer) for layer in cache.layers)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_decode_steps_run_torch_on_one_thread_beside_the_kernels() -> None:
+    """After each torch op libgomp's idle workers spin; on 2 cores TVM's pool then waits for a time slice
+    before every kernel. A decode step (one token) on our kernels runs torch on one thread; prefill keeps them all."""
+    from pathlib import Path
+
+    from edgeattn.config import AttentionConfig
+    from edgeattn.models import LoadedModel
+    from edgeattn.runtime.torch_backend import TorchSession
+
+    loaded = LoadedModel(tiny_model("gemma3"), None, "tiny", Path("."))
+    seen: list[int] = []
+    hook = loaded.model.model.layers[0].register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for kernels, decode_threads in (("tvm", 1), ("reference", 2)):
+            seen.clear()
+            s = TorchSession(loaded, AttentionConfig(kind="dhsa", budget=48, chunk_size=16), kernels=kernels)
+            s.append(list(range(4, 60)))
+            s.append([7])
+            assert seen == [2, decode_threads], kernels
+            assert torch.get_num_threads() == 2  # restored after the step
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
