@@ -507,7 +507,7 @@ def attend_tvm(
         scaling=scaling,
         softcap=softcap,
         window=window,
-        kv_dtype="float16" if k.dtype == torch.float16 else None,
+        kv_dtype=registry.kv_dtype_of(k, v),
     )
     bnd = index.kernel_boundaries()
     counts = sel.keep.sum(-1)  # [B, H]

@@ -235,6 +235,15 @@ def is_aligned(x) -> bool:
 # ------------------------------------------------------------------ one layer on the host
 
 
+def kv_dtype_of(k: Any, v: Any) -> str | None:
+    """``"float16"`` when K and V are float16 torch tensors (a float16 KV cache: the kernels read it as
+    it is), else None (the kernels take the queries' dtype)."""
+    import torch
+
+    half = torch.float16
+    return "float16" if isinstance(k, torch.Tensor) and k.dtype == half and v.dtype == half else None
+
+
 @dataclass
 class LayerTimes:
     select_s: float = 0.0
@@ -284,7 +293,7 @@ def run_layer(
     import torch
 
     is_torch = isinstance(q, torch.Tensor)
-    half_kv = is_torch and k.dtype == torch.float16 and v.dtype == torch.float16
+    half_kv = kv_dtype_of(k, v) == "float16"
     qn = q.detach().float().contiguous() if is_torch else torch.from_numpy(np.ascontiguousarray(q, np.float32))
     if half_kv:
         kn, vn = k.detach().contiguous(), v.detach().contiguous()

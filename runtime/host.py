@@ -181,18 +181,21 @@ def run_on_host(
     results: list[RunResult] = []
     for session, layers in _sessions(req, loaded):
         manifest = getattr(session, "manifest", None)
-        row_fp = _footprint(hf_config, manifest, session.info.backend, session.info.kernels)
-        if session.info.backend == "torch" and req.kv_dtype == "float16":
-            row_fp = memory.with_kv_dtype_bytes(row_fp, 2)
+        kv_bytes = 2 if session.info.backend == "torch" and req.kv_dtype == "float16" else None
+        row_fp = _footprint(hf_config, manifest, session.info.backend, session.info.kernels, kv_bytes)
         results.append(_measure(req, session, ids, hf_config, row_fp, granularity, loaded.tokenizer, log, layers))
     return header, results
 
 
-def _footprint(hf_config: Any, manifest: dict[str, Any] | None, backend: str, kernels: str) -> memory.Footprint:
-    """The row's footprint; an exported file holds its own weights (quantized, fp16): their bytes, not fp32's."""
+def _footprint(
+    hf_config: Any, manifest: dict[str, Any] | None, backend: str, kernels: str, kv_bytes: int | None = None
+) -> memory.Footprint:
+    """The row's footprint; an exported file holds its own weights (quantized, fp16): their bytes, not fp32's.
+
+    ``kv_bytes``: bytes per cached K/V value when the cache is stored apart from the model's dtype."""
     onnx_info = (manifest or {}).get("onnx") or {}
     dtype_bytes = 2 if onnx_info.get("dtype") == "float16" else 4
-    fp = memory.footprint_of(hf_config, dtype_bytes=dtype_bytes, backend=backend, kernels=kernels)
+    fp = memory.footprint_of(hf_config, dtype_bytes=dtype_bytes, backend=backend, kernels=kernels, kv_bytes=kv_bytes)
     return replace(fp, weights=int(onnx_info["weight_bytes"])) if onnx_info.get("weight_bytes") else fp
 
 

@@ -11,7 +11,7 @@ refused with the numbers, before a byte is allocated.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgeattn.config import ConfigError
@@ -77,21 +77,13 @@ class Footprint:
         return chunk * self.activation_per_token + kv_copy + masks + 4 * self.vocab * 4
 
 
-def with_kv_dtype_bytes(fp: Footprint, kv_bytes: int, model_bytes: int = 4) -> Footprint:
-    """``fp`` with its KV cache stored at ``kv_bytes`` per element instead of the model's ``model_bytes``."""
-    return replace(
-        fp,
-        kv_per_token_global=fp.kv_per_token_global * kv_bytes // model_bytes,
-        kv_per_token_sliding=fp.kv_per_token_sliding * kv_bytes // model_bytes,
-        kv_per_token_layer=fp.kv_per_token_layer * kv_bytes // model_bytes,
-    )
-
-
 # Measured peak activation / counted live activation, per backend (see footprint_of).
 _ALLOCATOR_FACTOR = {"torch": 2.0, "transformers": 2.0, "ort": 2.75, "tvm": 2.0}
 
 
-def footprint_of(config: Any, dtype_bytes: int = 4, backend: str = "torch", kernels: str = "tvm") -> Footprint:
+def footprint_of(
+    config: Any, dtype_bytes: int = 4, backend: str = "torch", kernels: str = "tvm", kv_bytes: int | None = None
+) -> Footprint:
     """The footprint of a Gemma 2 / Gemma 3 text config, counted from the architecture alone.
 
     Counting from the config (not from loaded tensors) is what lets the budget
@@ -117,7 +109,7 @@ def footprint_of(config: Any, dtype_bytes: int = 4, backend: str = "torch", kern
     qk_norm = 2 * d if str(getattr(config, "model_type", "")).startswith("gemma3") else 0
     per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * inter + 4 * h + qk_norm
     weights = (vocab * h + n * per_layer + h) * dtype_bytes
-    kv_token = 2 * hkv * d * dtype_bytes
+    kv_token = 2 * hkv * d * (kv_bytes or dtype_bytes)  # kv_bytes: a KV cache stored apart (--kv-dtype)
     attn_live = (8 * hq + 4 * hkv) * d  # q through norm/RoPE, kernel in/out copies, k/v
     mlp_live = 4 * inter + 2 * h
     held = _ALLOCATOR_FACTOR.get(backend, 2.0)
