@@ -78,7 +78,7 @@ class Footprint:
 
 
 # Measured peak activation / counted live activation, per backend (see footprint_of).
-_ALLOCATOR_FACTOR = {"torch": 2.0, "transformers": 2.0, "ort": 2.75, "tvm": 2.0}
+_ALLOCATOR_FACTOR = {"torch": 1.25, "transformers": 2.0, "ort": 2.75, "tvm": 2.0}
 
 
 def footprint_of(
@@ -96,9 +96,13 @@ def footprint_of(
     ONNX Runtime's per-segment outputs).  That factor was measured: peak RSS
     minus what the process held before the prefill, per prompt token, on
     Gemma 3 270M at 8K and 16K (``benchmarks/results/prefill_4k_16k.json``):
-    79-81 KB/token for the torch backend (factor 2 gives 86), 105-107 KB/token
-    for ort (factor 2.75 gives 114), and the model as shipped also holds
-    ~3-4 bytes per score of its explicit sliding-window masks.
+    105-107 KB/token for ort (factor 2.75 gives 114), 79-81 KB/token for the
+    model as shipped (factor 2 gives 86), which also holds ~3-4 bytes per score
+    of its explicit sliding-window masks.  The torch backend trims the heap
+    after each layer and keeps only the sliding layers' window (runtime/heap.py,
+    runtime/kv_cache.py): 31 KB/token at 8K with the KV cache included
+    (2,078 MiB peak over 1,830 MiB before the prefill), and its factor 1.25
+    gives 58, room for the reference kernels' and chunked prefill's copies.
     """
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     hq, hkv = config.num_attention_heads, config.num_key_value_heads

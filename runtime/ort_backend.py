@@ -29,6 +29,7 @@ import numpy as np
 from edgeattn.config import AttentionConfig, resolve_threads
 from edgeattn.errors import CorruptModelError, ModelNotFoundError
 from edgeattn.export.quantize import WeightFormat
+from edgeattn.runtime import heap
 from edgeattn.runtime.session import SessionInfo
 from edgeattn.runtime.threads import set_threads
 
@@ -81,20 +82,6 @@ def _load_onnx(path: Path) -> Any:
         raise CorruptModelError(
             f"{path} is not a readable ONNX file ({type(err).__name__}: {err}); re-export it with `edgeattn export`"
         ) from err
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed while loading (the parsed file, serialized segments) back to the OS.
-
-    glibc keeps freed heap pages mapped, so RSS would count a model's protobuf long after it
-    is gone; measured peaks should count what the session holds.  No-op off glibc.
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _session_options(threads: int, arena: bool = True) -> Any:
@@ -217,14 +204,14 @@ def open_session(
     n_threads = resolve_threads(threads)
     if kernels == "reference":
         runner = _WholeFile(path, n_threads)
-        _release_freed_memory()
+        heap.release_freed_memory()
         return OrtSession(path, manifest, runner, kernels)
     set_threads(n_threads)  # TVM's pool reads it when it starts
     model = _load_onnx(path)
     if not any(is_edgeattn_node(n) for n in model.graph.node):  # nothing for the kernels: ORT runs it whole
         del model
         runner = _WholeFile(path, n_threads)
-        _release_freed_memory()
+        heap.release_freed_memory()
         return OrtSession(path, manifest, runner, kernels)
 
     def session_factory(data: bytes) -> Any:
@@ -238,7 +225,7 @@ def open_session(
             "is it an `edgeattn export` file?"
         ) from err
     del model
-    _release_freed_memory()
+    heap.release_freed_memory()
     return OrtSession(path, manifest, runner, kernels)
 
 

@@ -23,8 +23,12 @@ import torch
 
 from edgeattn import fused_ops, patching
 from edgeattn.config import AttentionConfig
-from edgeattn.runtime import kv_cache, threads
+from edgeattn.runtime import heap, kv_cache, threads
 from edgeattn.runtime.session import SessionInfo
+
+# prefill calls this long or longer trim the heap after each decoder layer (a few hundred tokens of
+# activations are under a MiB a tensor: nothing worth a trim)
+TRIM_FROM_TOKENS = 256
 
 
 class TorchSession:
@@ -105,10 +109,18 @@ class TorchSession:
                 self._cache = kv_cache.new_cache(self.model.config, self._kv_dtype)
             self.index = self._new_index()
         self._patch()
-        # a decode step beside our kernels runs torch on one thread (runtime/threads.one_torch_thread says why)
+        # a decode step beside our kernels runs torch on one thread (runtime/threads.one_torch_thread says why);
+        # a prefill hands each layer's freed activations back to the OS (runtime/heap.py says why)
         one_thread = len(ids) == 1 and self._kernels == "tvm" and not self._as_shipped
+        if one_thread:
+            scope = threads.one_torch_thread()
+        elif len(ids) >= TRIM_FROM_TOKENS and not self._as_shipped:
+            layers = self.model.model.layers
+            scope = heap.trimmed_after_each([*layers, *(layer.self_attn for layer in layers)])
+        else:
+            scope = contextlib.nullcontext()
         try:
-            with torch.inference_mode(), threads.one_torch_thread() if one_thread else contextlib.nullcontext():
+            with torch.inference_mode(), scope:
                 out = self.model(
                     input_ids=torch.tensor([list(ids)], dtype=torch.long),
                     cache=self._cache,

@@ -84,3 +84,47 @@ def test_decode_steps_run_torch_on_one_thread_beside_the_kernels() -> None:
     finally:
         hook.remove()
         torch.set_num_threads(before)
+
+
+def test_window_layer_keeps_only_its_window_after_a_prefill() -> None:
+    """transformers' sliding layer keeps a slice of the call's whole K and V, so their storage stays alive
+    (960 MiB over Gemma 3 270M's sliding layers after a 32K prefill); ours copies the window out."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = kv_cache.WindowLayer(16), DynamicSlidingWindowLayer(16)
+    for add in (200, 1, 1, 40, 1):
+        k, v = torch.randn(1, 1, add, 8, generator=g), torch.randn(1, 1, add, 8, generator=g)
+        got, ref = ours.update(k, v), theirs.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        held = ours.keys.untyped_storage().nbytes() + ours.values.untyped_storage().nbytes()
+        assert held <= 2 * (2 * 16) * 8 * 4, (add, held)  # a window-sized tensor each, not the call's
+        if add == 200:  # what the fix is for: transformers' layer still holds the prompt's 200 keys
+            assert theirs.keys.untyped_storage().nbytes() == 200 * 8 * 4
+
+
+def test_a_long_prefill_trims_the_heap_after_each_layer_and_leaves_no_hook() -> None:
+    """runtime/heap.py: freed activations go back to the OS after each layer of a prefill (glibc kept
+    them mapped: the peak RSS grew by a hidden state per layer); the hooks go with the call."""
+    from pathlib import Path
+
+    from edgeattn.config import AttentionConfig
+    from edgeattn.models import LoadedModel
+    from edgeattn.runtime import heap, torch_backend
+
+    loaded = LoadedModel(tiny_model("gemma3"), None, "tiny", Path("."))
+    layers = loaded.model.model.layers
+    trims: list[int] = []
+    original = heap._TRIM
+    heap._TRIM = lambda pad: trims.append(pad) or (original(pad) if original else 0)  # count the real calls
+    try:
+        s = torch_backend.TorchSession(loaded, AttentionConfig(kind="dense"), kernels="tvm")
+        s.append(list(range(4, 4 + torch_backend.TRIM_FROM_TOKENS)))
+        assert len(trims) == 2 * len(layers)  # after each layer and after its attention
+        trims.clear()
+        s.append([5])  # a decode step: nothing to trim
+        assert trims == []
+    finally:
+        heap._TRIM = original
+    assert all(not layer._forward_hooks and not layer.self_attn._forward_hooks for layer in layers)

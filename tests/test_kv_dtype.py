@@ -71,7 +71,7 @@ def test_cache_stores_float16_in_every_layer_kind() -> None:
     finally:
         patching.unpatch(model)
     kinds = {type(layer).__name__ for layer in cache.layers}
-    assert kinds == {"GrowingLayer", "CastingSlidingLayer"}
+    assert kinds == {"GrowingLayer", "WindowLayer"}
     assert all(layer.keys.dtype == torch.float16 and layer.values.dtype == torch.float16 for layer in cache.layers)
 
 
