@@ -110,13 +110,12 @@ class TorchSession:
             self.index = self._new_index()
         self._patch()
         # a decode step beside our kernels runs torch on one thread (runtime/threads.one_torch_thread says why);
-        # a prefill hands each layer's freed activations back to the OS (runtime/heap.py says why)
+        # a prefill hands each attention's freed temporaries back to the OS before the MLP (runtime/heap.py)
         one_thread = len(ids) == 1 and self._kernels == "tvm" and not self._as_shipped
         if one_thread:
             scope = threads.one_torch_thread()
         elif len(ids) >= TRIM_FROM_TOKENS and not self._as_shipped:
-            layers = self.model.model.layers
-            scope = heap.trimmed_after_each([*layers, *(layer.self_attn for layer in layers)])
+            scope = heap.trimmed_after_each([layer.self_attn for layer in self.model.model.layers])
         else:
             scope = contextlib.nullcontext()
         try:

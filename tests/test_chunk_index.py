@@ -186,10 +186,23 @@ def test_index_of_another_cache_is_refused() -> None:
         idx.append(torch.zeros(1, 4, 120, 16))
     with pytest.raises(ValueError, match="only 50"):
         idx.append(keys[:, :, :50])
+
+
+def test_index_is_built_at_the_first_decode_step_from_the_cache() -> None:
+    """Prefill calls leave no index (it would sit in the prefill's peak RSS); the first one-token step
+    builds it from the cached keys, equal to the index built over them at once."""
+    keys = _segment_keys(100)
     state = ci.IndexState(AttentionConfig(budget=64), ci.FixedRule(16))
-    q = torch.zeros(1, 4, 1, 16)
-    with pytest.raises(ValueError, match="no chunk index"):
-        state.attend(3, q, keys, keys, None, None, None, "reference")
+    assert (
+        state.attend(3, torch.zeros(1, 4, 99, 16), keys[:, :, :99], keys[:, :, :99], None, None, None, "reference")
+        is None
+    )
+    assert state.layers == {}
+    out = state.attend(3, torch.zeros(1, 4, 1, 16), keys, keys, None, None, None, "reference")
+    assert out is not None and out.shape == (1, 4, 1, 16)
+    built, ref = state.layers[3], ci.ChunkIndex.build(keys, ci.FixedRule(16))
+    assert built.length == ref.length == 100 and built.bounds == ref.bounds
+    assert torch.equal(built.lengths(), ref.lengths())
 
 
 def test_unsupported_boundary_source_is_a_clear_error() -> None:

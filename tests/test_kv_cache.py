@@ -104,9 +104,9 @@ def test_window_layer_keeps_only_its_window_after_a_prefill() -> None:
             assert theirs.keys.untyped_storage().nbytes() == 200 * 8 * 4
 
 
-def test_a_long_prefill_trims_the_heap_after_each_layer_and_leaves_no_hook() -> None:
-    """runtime/heap.py: freed activations go back to the OS after each layer of a prefill (glibc kept
-    them mapped: the peak RSS grew by a hidden state per layer); the hooks go with the call."""
+def test_a_long_prefill_trims_the_heap_after_each_attention_and_leaves_no_hook() -> None:
+    """runtime/heap.py: an attention's freed temporaries go back to the OS before the MLP's peak (glibc
+    kept them mapped under it); the hooks go with the call."""
     from pathlib import Path
 
     from edgeattn.config import AttentionConfig
@@ -121,7 +121,7 @@ def test_a_long_prefill_trims_the_heap_after_each_layer_and_leaves_no_hook() -> 
     try:
         s = torch_backend.TorchSession(loaded, AttentionConfig(kind="dense"), kernels="tvm")
         s.append(list(range(4, 4 + torch_backend.TRIM_FROM_TOKENS)))
-        assert len(trims) == 2 * len(layers)  # after each layer and after its attention
+        assert len(trims) == len(layers)  # after each attention, before the MLP
         trims.clear()
         s.append([5])  # a decode step: nothing to trim
         assert trims == []
