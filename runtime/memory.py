@@ -78,7 +78,7 @@ class Footprint:
 
 
 # Measured peak activation / counted live activation, per backend (see footprint_of).
-_ALLOCATOR_FACTOR = {"torch": 1.25, "transformers": 2.0, "ort": 2.75, "tvm": 2.0}
+_ALLOCATOR_FACTOR = {"torch": 1.0, "transformers": 2.0, "ort": 2.75, "tvm": 2.0}
 
 
 def footprint_of(
@@ -100,9 +100,11 @@ def footprint_of(
     model as shipped (factor 2 gives 86), which also holds ~3-4 bytes per score
     of its explicit sliding-window masks.  The torch backend trims the heap
     after each layer and keeps only the sliding layers' window (runtime/heap.py,
-    runtime/kv_cache.py): 31 KB/token at 8K with the KV cache included
-    (2,078 MiB peak over 1,830 MiB before the prefill), and its factor 1.25
-    gives 58, room for the reference kernels' and chunked prefill's copies.
+    runtime/kv_cache.py).  With factor 1.25 it planned 2,950 / 3,977 MiB
+    against measured peaks of 2,428 / 3,184 MiB at 16K / 32K
+    (``benchmarks/results/prefill_torch_16k_32k.json``); factor 1 takes 9.25 KB
+    per token off (148 / 296 MiB) and still plans ~15 % above: room for the
+    reference kernels' and chunked prefill's copies.
     """
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
