@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, DEFAULT_SINKS
+
 from . import cpu, registry
 from .abi import OP_DENSE, OP_SELECT, OP_SPARSE, SYMBOL, KernelSpec
 from .schedule import CpuSchedule
@@ -63,8 +65,8 @@ from .tuning_records import (
 log = logging.getLogger(__name__)
 
 OP_NAMES = {"dense": OP_DENSE, "sparse": OP_SPARSE}
-# DHSA settings the sparse kernel is timed with (the benchmark's: budget 2048, chunks of 32, 4 sinks)
-BUDGET, CHUNK, SINKS = 2048, 32, 4
+# DHSA settings the sparse kernel is timed with: the defaults (budget 2048, chunks of 16, 4 sinks)
+BUDGET, CHUNK, SINKS = DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, DEFAULT_SINKS
 
 
 # ------------------------------------------------------------------ the search space
@@ -179,7 +181,8 @@ def make_problem(spec: KernelSpec, length: int, check_length: int = 333, seed: i
     if spec.op == OP_DENSE:
         ref = dhsa.attention(q, k, v, AttentionConfig(kind="dense"), **attrs)[0]
     else:
-        cfg = AttentionConfig(kind="dhsa", budget=check_budget, chunk_size=CHUNK, sinks=spec.sinks)
+        # the paper's selection, as _selection's kernel makes it (the window would pin other chunks)
+        cfg = AttentionConfig(kind="dhsa", budget=check_budget, chunk_size=CHUNK, sinks=spec.sinks, observe=0)
         ref = dhsa.attention(q, k, v, cfg, boundaries=torch.from_numpy(bnd), **attrs)[0]
     time_args, _ = args_for(length, BUDGET)
     return Problem(spec=spec, check_args=check_args, check_ref=ref, time_args=time_args)
@@ -460,8 +463,15 @@ def main(argv: list[str] | None = None) -> int:
     ops = TUNED_OPS if args.op == "all" else (OP_NAMES[args.op],)
     records = []
     for op in ops:
+        tile = {"query_tile": CHUNK} if op == OP_SPARSE else {}  # a query chunk is the sparse kernel's tile
         spec = KernelSpec(
-            op=op, heads_q=args.heads_q, heads_kv=args.heads_kv, head_dim=args.head_dim, dtype=args.dtype, sinks=SINKS
+            op=op,
+            heads_q=args.heads_q,
+            heads_kv=args.heads_kv,
+            head_dim=args.head_dim,
+            dtype=args.dtype,
+            sinks=SINKS,
+            **tile,
         )
         t0 = time.perf_counter()
         res = tune_op(

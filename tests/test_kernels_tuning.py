@@ -217,3 +217,14 @@ def test_device_that_does_not_answer_is_a_clear_error(capsys) -> None:
     code = tune.main(["--target", "arm64", "--rpc", f"127.0.0.1:{port}", "--length", "64", "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and f"no TVM RPC server answers at 127.0.0.1:{port}" in err and "rpc_server" in err
+
+
+def test_sparse_problem_checks_the_default_schedule_against_its_own_selection() -> None:
+    """The tuner's sparse check compares with the reference of the selection its kernel made (the paper's):
+    while the reference took the default observation window, every sparse candidate, the default too, was
+    'wrong' and `tune --op sparse` stopped before timing anything."""
+    spec = KernelSpec(op=OP_SPARSE, query_tile=tune.CHUNK, sinks=tune.SINKS, **DIMS)
+    problem = tune.make_problem(spec, length=256, check_length=133)
+    runner = tune.Runner(host())
+    lib = runner.load(spec, cpu.default_schedule(spec, host()))
+    assert runner.check(lib, spec, problem, tol=1e-4) < 1e-4
