@@ -26,7 +26,7 @@ from edgeattn.config import AttentionConfig
 from edgeattn.runtime import heap, kv_cache, threads
 from edgeattn.runtime.session import SessionInfo
 
-# prefill calls this long or longer trim the heap after each decoder layer (a few hundred tokens of
+# prefill calls this long or longer trim the heap after each attention (a few hundred tokens of
 # activations are under a MiB a tensor: nothing worth a trim)
 TRIM_FROM_TOKENS = 256
 
