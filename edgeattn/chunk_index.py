@@ -621,8 +621,7 @@ class IndexState:
                 # built at the first decode step, not here: the prefill's peak (an MLP's activations in a
                 # later layer) then excludes the indexes (24 MiB for Gemma 3 270M's 3 global layers at 32K)
                 return None
-            idx = self.layers[layer] = ChunkIndex.build(key[:, :, : k_len - 1], self.rule, self.cfg.kind == "dhsa")
-            idx.append(key)
+            idx = self.layers[layer] = ChunkIndex.build(key, self.rule, normalize=self.cfg.kind == "dhsa")
         else:
             if idx.length != k_len - q_len:
                 raise ValueError(

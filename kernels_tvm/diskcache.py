@@ -35,8 +35,9 @@ def cache_dir() -> Path | None:
         return None
     if os.environ.get("EDGEATTN_KERNEL_CACHE_DIR"):
         return Path(os.environ["EDGEATTN_KERNEL_CACHE_DIR"])
-    root = Path(os.environ.get("EDGEATTN_CACHE", Path.home() / ".cache" / "edgeattn"))
-    return root / "kernels"
+    from edgeattn.models import cache_dir as edgeattn_cache
+
+    return edgeattn_cache() / "kernels"
 
 
 def cacheable(target: tvm.target.Target) -> bool:

@@ -29,6 +29,11 @@ GROWTH = 1.125
 SLACK_TOKENS = 256
 
 
+def _as_stored(dtype: torch.dtype | None, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V in the dtype a layer stores (``--kv-dtype``); None keeps what the model computed."""
+    return (k, v) if dtype is None else (k.to(dtype), v.to(dtype))
+
+
 class GrowingLayer(DynamicLayer):
     """A full-attention cache layer that writes new tokens into spare room (see the module docstring)."""
 
@@ -42,8 +47,7 @@ class GrowingLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.store_dtype is not None:
-            key_states, value_states = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
+        key_states, value_states = _as_stored(self.store_dtype, key_states, value_states)
         b, h, add, d = key_states.shape
         if b * h != 1:  # views of spare storage would not be contiguous: concatenate as transformers does
             return super().update(key_states, value_states, *args, **kwargs)
@@ -89,8 +93,7 @@ class WindowLayer(DynamicSlidingWindowLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.store_dtype is not None:
-            key_states, value_states = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
+        key_states, value_states = _as_stored(self.store_dtype, key_states, value_states)
         full_k, full_v = super().update(key_states, value_states, *args, **kwargs)
         if full_k.shape[-2] > 2 * self.sliding_window and self.keys.shape[-2] < full_k.shape[-2]:
             self.keys, self.values = self.keys.clone(), self.values.clone()

@@ -99,7 +99,7 @@ def footprint_of(
     105-107 KB/token for ort (factor 2.75 gives 114), 79-81 KB/token for the
     model as shipped (factor 2 gives 86), which also holds ~3-4 bytes per score
     of its explicit sliding-window masks.  The torch backend trims the heap
-    after each layer and keeps only the sliding layers' window (runtime/heap.py,
+    after each attention and keeps only the sliding layers' window (runtime/heap.py,
     runtime/kv_cache.py).  With factor 1.25 it planned 2,950 / 3,977 MiB
     against measured peaks of 2,428 / 3,184 MiB at 16K / 32K
     (``benchmarks/results/prefill_torch_16k_32k.json``); factor 1 takes 9.25 KB

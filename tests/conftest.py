@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
+from edgeattn.models import cache_dir as edgeattn_cache
+
 # Many tests give `edgeattn` a fresh $EDGEATTN_CACHE (models, exports); the compiled kernels are
 # keyed by their code and shapes, so every test and both workers share one kernel cache: a tiny
 # model's ~8 kernels compile once per suite instead of once per test that runs them (~5 s each).
-os.environ.setdefault(
-    "EDGEATTN_KERNEL_CACHE_DIR",
-    str(Path(os.environ.get("EDGEATTN_CACHE", Path.home() / ".cache" / "edgeattn")) / "kernels"),
-)
+os.environ.setdefault("EDGEATTN_KERNEL_CACHE_DIR", str(edgeattn_cache() / "kernels"))
 
 
 @pytest.fixture(scope="session")
