@@ -158,10 +158,17 @@ def test_graph_stores_every_weight_quantized_and_the_tied_table_once(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_segmented_run_on_the_kernels_equals_the_whole_file(tmp_path, kind):
-    """The ort backend cuts the file at the ai.edgeattn nodes; quantized weights survive the cut."""
+def test_segmented_run_on_the_kernels_equals_the_whole_file(tmp_path, monkeypatch, kind):
+    """The ort backend cuts the file at the ai.edgeattn nodes; quantized weights survive the cut.
+
+    At accuracy level 0 (fp32 arithmetic on the dequantized weights): the shipped level 4 quantizes
+    the activations to int8, where the ~1e-7 gap between the TVM kernel and the function body can
+    flip a rounding and move a later layer's K/V by 0.3 % (seen with int8 on an AVX512-VNNI Xeon).
+    """
     from edgeattn.runtime import ort_backend
 
+    monkeypatch.setitem(quantize.ACCURACY_LEVEL, 8, 0)
+    monkeypatch.setitem(quantize.ACCURACY_LEVEL, 4, 0)
     lm = loaded("gemma3")
     res = exporter.export_loaded(lm, tmp_path / "m.onnx", SMALL, weights=quantize.weight_format(kind))
     ids = np.random.default_rng(2).integers(0, 512, 30).tolist()
