@@ -38,12 +38,11 @@ from typing import Any
 
 import torch
 
-from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, DEFAULT_OBSERVE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, DEFAULT_OBSERVE, parse_token_counts
 from edgeattn.runtime.threads import one_torch_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header, set_threads, table, time_it, write_json  # noqa: E402
-from prefill import parse_lengths  # noqa: E402
 
 COLUMNS = [
     ("context", "context"),
@@ -208,7 +207,7 @@ def synthetic(args: argparse.Namespace, argv: list[str] | None) -> int:
     print(header(f"Decode attention, synthetic K/V: dense vs DHSA (budget {args.budget})", args.threads))
     records = []
     g = torch.Generator().manual_seed(0)
-    for context in parse_lengths(args.contexts):
+    for context in parse_token_counts(args.contexts):
         k = torch.randn(1, 1, context, 256, generator=g) + torch.randn(256, generator=g)
         v = torch.randn(1, 1, context, 256, generator=g)
         for kernels in [x.strip() for x in args.kernels.split(",") if x.strip()]:
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgeattn import models, text
     from edgeattn.config import AttentionConfig
 
-    contexts = parse_lengths(args.contexts)
+    contexts = parse_token_counts(args.contexts)
     kernel_list = [x.strip() for x in args.kernels.split(",") if x.strip()]
     loaded = models.load()
     config = loaded.model.config

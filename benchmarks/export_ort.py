@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, parse_token_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 try:  # shared helpers of the benchmarks folder, when present
@@ -53,14 +53,6 @@ COLUMNS = [
     ("act", "DHSA/dense prefill MiB"),
     ("top1_same", "same top-1"),
 ]
-
-
-def parse_lengths(spec: str) -> list[int]:
-    out = []
-    for part in spec.split(","):
-        part = part.strip().upper()
-        out.append(int(part[:-1]) * 1024 if part.endswith("K") else int(part))
-    return out
 
 
 def child(path: str, length: int, threads: int, seed: int) -> None:
@@ -282,7 +274,7 @@ def main() -> None:
     ap.add_argument("--mem-limit-gib", type=float, default=0, help="virtual-memory cap per run (ulimit -v); 0: none")
     args = ap.parse_args()
 
-    lengths = parse_lengths(args.lengths)
+    lengths = parse_token_counts(args.lengths)
     mode = "--layer-child" if args.layer_only else "--child"
     if args.layer_only:
         args.dir.mkdir(parents=True, exist_ok=True)

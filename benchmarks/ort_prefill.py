@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, parse_token_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt, header, table, write_json  # noqa: E402
@@ -45,10 +45,6 @@ COLUMNS = [
     ("peak_rss_mib", "peak RSS MiB"),
     ("status", "status"),
 ]
-
-
-def parse_lengths(spec: str) -> list[int]:
-    return [int(p[:-1]) * 1024 if p.upper().endswith("K") else int(p) for p in spec.split(",")]
 
 
 def child(path: str, kernels: str, length: int, threads: int, seed: int) -> None:
@@ -153,7 +149,7 @@ def main() -> None:
     print(header("ort backend: prefill of the default model (one run per row, each in its own process)", args.threads))
     records = []
     meta = {"threads": args.threads, "command": "python benchmarks/ort_prefill.py " + " ".join(sys.argv[1:])}
-    for length in parse_lengths(args.lengths):
+    for length in parse_token_counts(args.lengths):
         for attention, dense_op, kernels in rows:
             rec = {"length": length, "attention": attention, "dense_op": dense_op, "kernels": kernels}
             rec |= {"backend": "ort", "threads": args.threads, "budget": args.budget if attention == "dhsa" else None}

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE
+from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, parse_token_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, header, set_threads, table, write_json  # noqa: E402
@@ -61,15 +61,6 @@ COLUMNS = [
 ]
 
 
-def parse_lengths(spec: str) -> list[int]:
-    out = []
-    for part in spec.split(","):
-        part = part.strip().upper()
-        if part:
-            out.append(int(part[:-1]) * 1024 if part.endswith("K") else int(part))
-    return out
-
-
 def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
     """One (row, length) in this process: what the parent's child process prints as JSON."""
     set_threads(args.threads)
@@ -84,6 +75,10 @@ def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]
 
     backend, attention, kernels = ROWS[row]
     cfg = AttentionConfig(kind=attention, budget=args.budget, chunk_size=args.chunk_size)  # type: ignore[arg-type]
+    loaded = models.load()
+    # at the model's whole context (32K) the prompt leaves room for the decoded tokens, as in `edgeattn bench`
+    context = int(getattr(loaded.config, "max_position_embeddings", 0) or 0)
+    requested, length = length, min(length, context - args.new_tokens) if context else length
     req = RunRequest(
         configs=[] if backend == "transformers" else [cfg],
         synthetic_length=length,
@@ -94,7 +89,6 @@ def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         shipped_baseline=backend == "transformers",
         ort_dense_op="gqa" if kernels == "gqa" else None,
     )
-    loaded = models.load()
     _, (res,) = run_on_host(req, loaded=loaded)
     sparse = models.global_layers(loaded.config) if attention != "dense" else []
     flops = prefill_flops(loaded.config, length, sparse, args.budget if sparse else None)
@@ -104,6 +98,7 @@ def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         "attention": res.attention,
         "kernels": res.kernels,
         "length": length,
+        "requested_length": requested,
         "prefill_s": res.prefill_s,
         "prefill_cpu_s": res.prefill_cpu_s,
         "tok_s": res.tok_s,
@@ -176,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows {bad}; choose from {', '.join(ROWS)}")
     print(header("End-to-end prefill, Gemma 3 270M (fp32), each row in its own process", args.threads), flush=True)
     records = []
-    for length in parse_lengths(args.lengths):
+    for length in parse_token_counts(args.lengths):
         for row in rows:
             rec = run_isolated(row, length, args)
             records.append(rec)

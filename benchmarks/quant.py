@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeattn.config import parse_token_counts
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt, header, table, write_json  # noqa: E402
 
@@ -49,10 +51,6 @@ ACCURACY_COLUMNS = [
     ("perplexity", "perplexity"),
     ("perplexity_increase", "perplexity increase"),
 ]
-
-
-def parse_lengths(spec: str) -> list[int]:
-    return [int(p[:-1]) * 1024 if p.upper().endswith("K") else int(p) for p in spec.split(",")]
 
 
 def exports(formats: list[str], attentions: list[str]) -> dict[tuple[str, str], Path]:
@@ -193,7 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
-    lengths = parse_lengths(args.lengths)
+    lengths = parse_token_counts(args.lengths)
 
     print(header("Quantized weights: edgeattn (ONNX Runtime + TVM attention kernels) and llama.cpp", args.threads))
     t0 = time.time()

@@ -60,6 +60,26 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message says how to fix it."""
 
 
+def parse_token_count(item: str, option: str = "--lengths") -> int:
+    """``"4K"`` -> 4096, ``"1500"`` -> 1500: token counts as every verb and benchmark writes them (K = 1024)."""
+    text = item.strip().upper()
+    scale = 1024 if text.endswith("K") else 1
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) < 1:
+        raise ConfigError(
+            f"{option}: cannot read {item.strip()!r} as a token count; write positive counts like 1K,4K,16K or 2000"
+        )
+    return int(digits) * scale
+
+
+def parse_token_counts(spec: str, option: str = "--lengths") -> list[int]:
+    """``"4K, 1K,2000,4K"`` -> [1024, 2000, 4096]: sorted, repeats dropped; ConfigError names ``option``."""
+    counts = {parse_token_count(part, option) for part in spec.split(",") if part.strip()}
+    if not counts:
+        raise ConfigError(f"{option} {spec!r} names no length; write a comma list like 1K,4K,16K")
+    return sorted(counts)
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """How one attention layer computes: dense, DHSA or the block-sparse baseline.

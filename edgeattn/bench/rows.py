@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeattn.config import ConfigError
+from edgeattn.config import ConfigError, parse_token_counts
 
 EDGEATTN_BACKENDS = ("torch", "ort", "tvm")
 PEERS = ("transformers", "ort-onnx", "ort-gqa", "llama.cpp", "llama.cpp-fa")
@@ -60,22 +60,7 @@ PEER_ROWS: dict[str, RowSpec] = {
 
 def parse_lengths(spec: str) -> list[int]:
     """'1K,4K,8K' -> [1024, 4096, 8192] (K = 1024; plain integers are tokens), sorted, no repeats."""
-    out: list[int] = []
-    for part in spec.split(","):
-        text = part.strip().upper()
-        if not text:
-            continue
-        scale = 1024 if text.endswith("K") else 1
-        digits = text[:-1] if scale > 1 else text
-        if not digits.isdigit() or int(digits) < 1:
-            raise ConfigError(
-                f"--lengths: cannot read {part.strip()!r} as a token count; "
-                "write positive counts like 1K,4K,16K or 2000"
-            )
-        out.append(int(digits) * scale)
-    if not out:
-        raise ConfigError(f"--lengths {spec!r} names no length; write a comma list like 1K,4K,16K")
-    return sorted(set(out))
+    return parse_token_counts(spec, "--lengths")
 
 
 def _names(spec: str, known: tuple[str, ...], option: str) -> list[str]:

@@ -14,6 +14,7 @@ from edgeattn.config import (
     DEFAULT_MAX_CHUNK,
     DEFAULT_MIN_CHUNK,
     DEFAULT_SINKS,
+    parse_token_count,
     resolve_threads,
 )
 from edgeattn.errors import friendly_errors
@@ -212,7 +213,7 @@ def fidelity(
     from edgeattn.evals import inputs
 
     req = fid.FidelityRequest(
-        json_path=json_path, png_path=png, length=inputs.parse_size(str(length), "--length"),
+        json_path=json_path, png_path=png, length=parse_token_count(str(length), "--length"),
         budgets=inputs.parse_budgets(budgets), mode_spec=modes, scored=scored, model=model, chunk_size=chunk_size,
         sinks=sinks, min_chunk=min_chunk, max_chunk=max_chunk, haystack=haystack, kernels=kernels,
         threads=resolve_threads(threads), fresh=fresh,

@@ -11,28 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeattn.config import ConfigError
+from edgeattn.config import ConfigError, parse_token_counts
 
 PYDOC_OFFSET = 50_000  # tokens of pydoc prose skipped: the boundary predictor was calibrated on the first ~16K
 MIN_LENGTH = 128
 
 
-def parse_size(item: str, what: str) -> int:
-    """``"4K"`` -> 4096, ``"1500"`` -> 1500 (K = 1024 tokens)."""
-    s = item.strip().upper()
-    mult = 1024 if s.endswith("K") else 1
-    digits = s[:-1] if s.endswith("K") else s
-    if not digits.isdigit() or int(digits) < 1:
-        raise ConfigError(f"{what}: {item.strip()!r} is not a token count; use e.g. 1K,2K,4K or 1500")
-    return int(digits) * mult
-
-
 def parse_lengths(spec: str, option: str = "--lengths") -> list[int]:
-    """``"1K,2K,16K"`` -> [1024, 2048, 16384], sorted, duplicates dropped."""
-    items = [x for x in spec.split(",") if x.strip()]
-    if not items:
-        raise ConfigError(f"{option} is empty; use e.g. 1K,2K,4K")
-    lengths = sorted({parse_size(x, option) for x in items})
+    """``"1K,2K,16K"`` -> [1024, 2048, 16384], sorted, duplicates dropped; none shorter than a prompt needs."""
+    lengths = parse_token_counts(spec, option)
     if lengths[0] < MIN_LENGTH:
         raise ConfigError(f"{option}: {lengths[0]} tokens is too short for a prompt; use >= {MIN_LENGTH}")
     return lengths
