@@ -31,6 +31,30 @@ def time_it(fn: Callable[[], Any], repeats: int = 1, warmup: int = 0) -> list[fl
     return out
 
 
+def interleaved_ratios(
+    ours: Callable[[], Any], baseline: Callable[[], Any], pairs: int, times: dict[str, list[float]] | None = None
+) -> list[float]:
+    """baseline time / our time for ``pairs`` back-to-back pairs, alternating which runs first.
+
+    Why: on a shared machine the load drifts over seconds; a pair sees (nearly) the same load,
+    so the spread of the per-pair ratios says whether a difference is real.  ``times``, when
+    given, collects each call's wall time under "ours" and "base".
+    """
+    ratios = []
+    for i in range(pairs):
+        pair = {}
+        for name, fn in (("ours", ours), ("base", baseline))[:: 1 if i % 2 == 0 else -1]:
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+            fn()
+            pair[name] = time.perf_counter() - t0
+        ratios.append(pair["base"] / pair["ours"])
+        if times is not None:
+            for name, t in pair.items():
+                times.setdefault(name, []).append(t)
+    return ratios
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 

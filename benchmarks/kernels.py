@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+from _common import interleaved_ratios  # noqa: E402
 
 from edgeattn.config import DEFAULT_BUDGET, DEFAULT_CHUNK_SIZE, DEFAULT_OBSERVE  # noqa: E402
 
@@ -298,24 +299,6 @@ class Bench:
         records = [rows[i] for i in IMPLS if i in rows]
         add_ratios(records)
         return records
-
-
-def interleaved_ratios(ours, baseline, pairs: int) -> list[float]:
-    """baseline time / our time for ``pairs`` back-to-back pairs, alternating which runs first.
-
-    Why: on a shared machine the load drifts over seconds; a pair sees (nearly) the same load,
-    so the spread of the per-pair ratios says whether a difference is real.
-    """
-    ratios = []
-    for i in range(pairs):
-        times = {}
-        for name, fn in (("ours", ours), ("base", baseline))[:: 1 if i % 2 == 0 else -1]:
-            time.sleep(0.2)
-            t0 = time.perf_counter()
-            fn()
-            times[name] = time.perf_counter() - t0
-        ratios.append(times["base"] / times["ours"])
-    return ratios
 
 
 def _print_pair_lines(records: list[dict]) -> None:

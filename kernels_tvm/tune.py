@@ -98,9 +98,9 @@ def knob_groups(spec: KernelSpec, base: CpuSchedule, target: Any) -> list[tuple[
         qts = [q for q in (8, 16, 32) if q % vl == 0]
     return [
         ("qt", [{"qt": q} for q in qts]),
-        ("S tile jb x rb", [{"jb": j, "rb": r} for j, r in _tiles(vl, nregs, (2, 4, 6, 8), 4)]),
+        ("S tile jb x rb", [{"jb": j, "rb": r} for j, r in _tiles(vl, nregs, (2, 4, 5, 6, 8), 4)]),
         ("PV tile ri x db", [{"ri": i, "db": d} for i, d in _tiles(vl, nregs, (2, 3, 4, 6, 8), 4)]),
-        ("kt", [{"kt": k} for k in (16, 32, 48, 64)]),
+        ("kt", [{"kt": k} for k in (16, 32, 40, 48, 64)]),
         ("par", [{"par": p} for p in (16, 32, 64, 128)]),
         ("prefetch", [{"prefetch": p} for p in (True, False)]),
         ("tails", [{"jb_tail": j, "db_tail": d} for j in (4, 8) for d in (vl, 2 * vl, 4 * vl)]),

@@ -50,3 +50,18 @@ def test_pairs_and_isolate_do_not_mix() -> None:
         timeout=120,
     )
     assert done.returncode != 0 and "cannot be combined with --isolate" in done.stderr
+
+
+def test_kernel_ab_compares_a_revision_with_the_working_tree(tmp_path: Path) -> None:
+    """HEAD against the working tree: the same kernel when cpu.py is unchanged, so outputs agree."""
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, "benchmarks/kernel_ab.py", "--rev", "HEAD", "--lengths", "300", "--chunks", "16"]
+    done = subprocess.run(
+        [*cmd, "--pairs", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["length"] == 300 and rec["chunk"] == 16 and len(rec["ratios"]) == 2
+    assert rec["max_abs_diff"] < 1e-3  # a regression in the tree's kernel shows here first
+    bad = subprocess.run([*cmd[:2], "--rev", "no-such-rev"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "git cannot show kernels_tvm/cpu.py" in bad.stderr

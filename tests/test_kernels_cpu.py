@@ -185,6 +185,37 @@ def test_sparse_attention_matches_reference(hq: int, hkv: int, softcap: float | 
         assert rel_err(out, reference(q, k, v, cfg, b, softcap)) <= RTOL
 
 
+def _host_has(feature: str) -> bool:
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features(feature, registry.host_target()))
+
+
+@pytest.mark.parametrize("mcpu,feature", [("haswell", "avx2"), ("skylake-avx512", "avx512f")])
+@pytest.mark.parametrize("query_tile", [8, 16, 32])
+def test_sparse_attention_for_each_vector_width_and_query_tile(mcpu: str, feature: str, query_tile: int) -> None:
+    """Every default schedule of the sparse kernel on x86 (AVX2: 40-key tiles at <= 64 rows), not
+    only the host's: the kept keys are gathered into tiles across chunk borders, masks by position."""
+    if not _host_has(feature):
+        pytest.skip(f"this CPU has no {feature}: a {mcpu} build cannot run here")
+    q, k, v = make_qkv(4, 1, 64, 163, 163, seed=query_tile)
+    cfg = AttentionConfig(observe=0, kind="dhsa", budget=44, chunk_size=16, sinks=3)
+    target = {"kind": "llvm", "mcpu": mcpu}
+    for b, softcap, window in (
+        (dhsa.fixed_boundaries(163, 16), None, None),
+        (variable_boundaries(163, 3, 21, seed=query_tile), 7.5, None),
+        (variable_boundaries(163, 5, 13, seed=1), None, 37),
+    ):
+        sel, nsel, bt = run_selection(q, k, b, cfg.budget, cfg.sinks)
+        kern = registry.get_kernel(
+            OP_SPARSE, target, heads_q=4, heads_kv=1, head_dim=64, sinks=3, softcap=softcap, window=window,
+            query_tile=query_tile,
+        )  # fmt: skip
+        out = registry.empty((4, 163, 64)).fill_(float("nan"))
+        kern(q, k, v, bt, sel, nsel, out)
+        assert rel_err(out, reference(q, k, v, cfg, b, softcap, window)) <= RTOL
+
+
 @pytest.mark.parametrize("window", [5, 40])
 def test_sparse_attention_with_window_and_block_sparse(window: int) -> None:
     q, k, v = make_qkv(4, 2, 32, 141, 141, seed=window)
