@@ -94,6 +94,14 @@ def test_small_budget_matches_pytorch_reference(tiny_loaded, export_dir, prompt,
     assert rel_err(logits, ref_logits) < 1e-4
     assert tokens == ref_tokens
     assert session.cached_tokens == PROMPT + DECODE - 1
+    # the prefill's sparse kernel was built for this file's chunks (a tile of 8 queries per head for
+    # chunks of 4), as the torch backend builds it, not for the 32-query default
+    from edgeattn.kernels_tvm import registry
+
+    tiles = {
+        k.spec.query_tile for k in registry._layer_kernels.values() if k.spec.op == ops.OP_SPARSE and not k.spec.decode
+    }
+    assert registry.query_tile_for(np.arange(0, 33, SMALL.chunk_size)) in tiles
 
 
 def test_budget_at_least_length_equals_dense(tiny_loaded, export_dir, prompt):
