@@ -61,6 +61,51 @@ COLUMNS = [
 ]
 
 
+PROFILE_COLUMNS = [
+    ("attention_global_s", "global attn s"),
+    ("attention_sliding_s", "sliding attn s"),
+    ("mlp_s", "MLP s"),
+    ("other_s", "other s"),
+]
+
+
+def time_modules(loaded: Any, length: int) -> dict[str, float]:
+    """Wall seconds of the prompt's prefill per module class (global / sliding attention, MLP), filled in
+    as it runs: forward hooks that count only calls over ``length`` tokens (not the warm-up, not decode).
+
+    Why: the speed-up's gap to the FLOP ratio is a question of where the time goes.  Torch rows only.
+    """
+    import time as _time
+
+    from edgeattn import models
+
+    sparse = set(models.global_layers(loaded.config))
+    totals: dict[str, float] = {}
+    started: dict[int, float] = {}
+
+    def tokens(a: tuple, kw: dict) -> int:
+        x = kw.get("hidden_states", a[0] if a else None)
+        return int(x.shape[-2]) if x is not None and x.dim() >= 2 else 0
+
+    def watch(module: Any, name: str) -> None:
+        def pre(m: Any, a: tuple, kw: dict) -> None:
+            if tokens(a, kw) == length:
+                started[id(m)] = _time.perf_counter()
+
+        def post(m: Any, a: tuple, kw: dict, out: Any) -> None:
+            t0 = started.pop(id(m), None)
+            if t0 is not None:
+                totals[name] = totals.get(name, 0.0) + _time.perf_counter() - t0
+
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+        module.register_forward_hook(post, with_kwargs=True)
+
+    for i, layer in enumerate(loaded.model.model.layers):
+        watch(layer.self_attn, "attention_global_s" if i in sparse else "attention_sliding_s")
+        watch(layer.mlp, "mlp_s")
+    return totals
+
+
 def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
     """One (row, length) in this process: what the parent's child process prints as JSON."""
     set_threads(args.threads)
@@ -89,6 +134,7 @@ def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         shipped_baseline=backend == "transformers",
         ort_dense_op="gqa" if kernels == "gqa" else None,
     )
+    modules = time_modules(loaded, length) if args.profile and backend in ("torch", "transformers") else None
     _, (res,) = run_on_host(req, loaded=loaded)
     sparse = models.global_layers(loaded.config) if attention != "dense" else []
     flops = prefill_flops(loaded.config, length, sparse, args.budget if sparse else None)
@@ -113,12 +159,16 @@ def run_child(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         "budget": args.budget if sparse else None,
         "chunk_size": args.chunk_size if sparse else None,
         "first_token": res.token_ids[0] if res.token_ids else None,
+        **(
+            {**modules, "other_s": res.prefill_s - sum(modules.values())} if modules else {}
+        ),  # --profile: where the prefill's time went
     }
 
 
 def run_isolated(row: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", f"{row}:{length}", "--threads", str(args.threads)]
     cmd += ["--budget", str(args.budget), "--chunk-size", str(args.chunk_size), "--new-tokens", str(args.new_tokens)]
+    cmd += ["--profile"] if args.profile else []
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -159,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="DHSA chunk length")
     p.add_argument("--new-tokens", type=int, default=4, help="greedy tokens after the prefill (decode is timed too)")
     p.add_argument("--json", metavar="PATH", help="write the records here")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch rows: also time the prefill per module class (global / sliding attention, MLPs, other)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -183,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in records
         if "error" not in r
     ]
-    print(table(shown, COLUMNS))
+    print(table(shown, COLUMNS + (PROFILE_COLUMNS if args.profile else [])))
     for r in records:
         if "error" in r:
             print(f"{r['row']} @ {r['length']}: failed: {r['error']}")
