@@ -129,7 +129,8 @@ class _WholeFile:
             ) from err
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feed: dict[str, np.ndarray], trim: bool = False) -> dict[str, np.ndarray]:
+        # one InferenceSession.run: nothing between its nodes to trim at
         return dict(zip(self.output_names, self.session.run(None, feed), strict=True))
 
 
@@ -177,7 +178,7 @@ class OrtSession:
             "position_ids": np.arange(past, past + seq, dtype=np.int64)[None],
             **self._past,
         }
-        outs = self._runner.run(feed)
+        outs = self._runner.run(feed, trim=seq >= heap.TRIM_FROM_TOKENS)
         self._past = {n: outs[n.replace("past_key_values.", "present.")] for n in self._past}
         return np.asarray(outs["logits"][0, -1], dtype=np.float32)
 

@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper
 
 from edgeattn.export import ops as onnx_ops
 from edgeattn.export import quantize
+from edgeattn.runtime import heap
 
 EDGEATTN_OPS = (onnx_ops.OP_SELECT, onnx_ops.OP_SPARSE, onnx_ops.OP_DENSE)
 
@@ -303,7 +304,9 @@ class SegmentedModel:
     def segments(self) -> int:
         return sum(1 for s in self.steps if s.session is not None)
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feed: dict[str, np.ndarray], trim: bool = False) -> dict[str, np.ndarray]:
+        """The file's outputs for ``feed``; ``trim``: hand freed heap pages back after each ORT segment
+        (a long prefill: the next segment's peak then stands on what is alive, see runtime/heap.py)."""
         values: dict[str, np.ndarray] = {**self.shared, **feed}
         for step in self.steps:
             if step.node is not None:
@@ -313,6 +316,8 @@ class SegmentedModel:
             values.update(zip(step.outputs, outs, strict=True))
             for name in step.frees:
                 values.pop(name, None)
+            if trim and step.node is None:
+                heap.release_freed_memory()
         return {n: values[n] for n in self.output_names}
 
 

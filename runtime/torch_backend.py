@@ -26,10 +26,6 @@ from edgeattn.config import AttentionConfig
 from edgeattn.runtime import heap, kv_cache, threads
 from edgeattn.runtime.session import SessionInfo
 
-# prefill calls this long or longer trim the heap after each attention (a few hundred tokens of
-# activations are under a MiB a tensor: nothing worth a trim)
-TRIM_FROM_TOKENS = 256
-
 
 class TorchSession:
     """A loaded transformers model with one attention configuration and a DynamicCache."""
@@ -114,7 +110,7 @@ class TorchSession:
         one_thread = len(ids) == 1 and self._kernels == "tvm" and not self._as_shipped
         if one_thread:
             scope = threads.one_torch_thread()
-        elif len(ids) >= TRIM_FROM_TOKENS and not self._as_shipped:
+        elif len(ids) >= heap.TRIM_FROM_TOKENS and not self._as_shipped:
             scope = heap.trimmed_after_each([layer.self_attn for layer in self.model.model.layers])
         else:
             scope = contextlib.nullcontext()

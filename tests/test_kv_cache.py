@@ -120,7 +120,7 @@ def test_a_long_prefill_trims_the_heap_after_each_attention_and_leaves_no_hook()
     heap._TRIM = lambda pad: trims.append(pad) or (original(pad) if original else 0)  # count the real calls
     try:
         s = torch_backend.TorchSession(loaded, AttentionConfig(kind="dense"), kernels="tvm")
-        s.append(list(range(4, 4 + torch_backend.TRIM_FROM_TOKENS)))
+        s.append(list(range(4, 4 + heap.TRIM_FROM_TOKENS)))
         assert len(trims) == len(layers)  # after each attention, before the MLP
         trims.clear()
         s.append([5])  # a decode step: nothing to trim

@@ -104,6 +104,30 @@ def test_small_budget_matches_pytorch_reference(tiny_loaded, export_dir, prompt,
     assert registry.query_tile_for(np.arange(0, 33, SMALL.chunk_size)) in tiles
 
 
+def test_a_long_prefill_trims_the_heap_after_each_ort_segment(tiny_loaded, export_dir, monkeypatch):
+    """runtime/heap.py: the segments' freed pages go back to the OS between segments of a prefill,
+    not between the steps of a decode; the logits are those of the untrimmed run."""
+    from edgeattn.runtime import heap
+
+    path = _export(tiny_loaded, export_dir, SMALL, "edgeattn")
+    ids = np.random.default_rng(3).integers(0, 512, heap.TRIM_FROM_TOKENS).tolist()
+    trims: list[int] = []
+    original = heap._TRIM
+    monkeypatch.setattr(heap, "_TRIM", lambda pad: trims.append(pad) or (original(pad) if original else 0))
+    monkeypatch.setattr(heap, "TRIM_FROM_TOKENS", 10**9)
+    untrimmed = open_session(path, kernels="tvm", threads=1).append(ids)
+    monkeypatch.undo()
+    monkeypatch.setattr(heap, "_TRIM", lambda pad: trims.append(pad) or (original(pad) if original else 0))
+    session = open_session(path, kernels="tvm", threads=1)
+    segments = sum(1 for step in session._runner.steps if step.node is None)
+    trims.clear()
+    assert rel_err(session.append(ids), untrimmed) == 0.0
+    assert len(trims) == segments > 1
+    trims.clear()
+    session.append([7])  # a decode step: nothing to trim
+    assert trims == []
+
+
 def test_budget_at_least_length_equals_dense(tiny_loaded, export_dir, prompt):
     """Budget >= L: DHSA on the kernels is the model as shipped (logits within 1e-4, same 16 tokens)."""
     cfg = AttentionConfig(kind="dhsa", budget=4096, chunk_size=4, sinks=2)
