@@ -78,7 +78,9 @@ class Footprint:
 
 
 # Measured peak activation / counted live activation, per backend (see footprint_of).
-_ALLOCATOR_FACTOR = {"torch": 1.0, "transformers": 2.0, "ort": 2.75, "tvm": 2.0}
+_ALLOCATOR_FACTOR = {"torch": 1.0, "transformers": 2.0, "ort": 2.4, "tvm": 2.0}
+# the ort backend's whole file in one InferenceSession (--kernels reference) is not trimmed between segments
+_ORT_WHOLE_FILE_FACTOR = 2.75
 
 
 def footprint_of(
@@ -104,7 +106,10 @@ def footprint_of(
     against measured peaks of 2,428 / 3,184 MiB at 16K / 32K
     (``benchmarks/results/prefill_torch_16k_32k.json``); factor 1 takes 9.25 KB
     per token off (148 / 296 MiB) and still plans ~15 % above: room for the
-    reference kernels' and chunked prefill's copies.
+    reference kernels' and chunked prefill's copies.  The ort backend on the kernels trims after
+    each ONNX Runtime segment (runtime/heap.py): its peaks fell to 3,152-3,164 / 4,602-4,639 MiB at
+    16K / 32K (``benchmarks/results/prefill_ort_trim.json``), and factor 2.4 plans ~11 % / ~12 %
+    above them (2.75, measured before the trim, stays for the whole file in one session).
     """
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
@@ -118,7 +123,7 @@ def footprint_of(
     kv_token = 2 * hkv * d * (kv_bytes or dtype_bytes)  # kv_bytes: a KV cache stored apart (--kv-dtype)
     attn_live = (8 * hq + 4 * hkv) * d  # q through norm/RoPE, kernel in/out copies, k/v
     mlp_live = 4 * inter + 2 * h
-    held = _ALLOCATOR_FACTOR.get(backend, 2.0)
+    held = _ORT_WHOLE_FILE_FACTOR if (backend, kernels) == ("ort", "reference") else _ALLOCATOR_FACTOR.get(backend, 2.0)
     act = int((4 * h + held * max(attn_live, mlp_live)) * dtype_bytes)
     mask = 0
     if backend == "transformers" or (backend == "torch" and kernels != "tvm"):
