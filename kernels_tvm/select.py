@@ -102,6 +102,11 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
     insert, finish = toplist_macros(budget, sinks)
     vertical_chunks = _vertical_macro(hkv, g, d, vl, observe, vertical, sinks, insert)
 
+    RB = 8  # query-chunk rows per block of step 2
+
+    def nqb(nq):
+        return (nq + RB - 1) // RB
+
     @T.prim_func
     def dhsa_chunk_select(q_h: T.handle, k_h: T.handle, b_h: T.handle, sel_h: T.handle, nsel_h: T.handle):
         T.func_attr({"global_symbol": SYMBOL[OP_SELECT], "tirx.noalias": True})
@@ -147,61 +152,79 @@ def build_chunk_select(spec: KernelSpec, lanes: int = 8) -> tvm.IRModule:
                         kpre[hd // nd, x, (hd % nd) * vl + dv] = (
                             kpre[hd // nd, x, (hd % nd) * vl + dv] + kpre[hd // nd, x - 1, (hd % nd) * vl + dv]
                         )
-        # ---- 2.-4. one row (KV head, query chunk) at a time
-        for hc in T.parallel(hkv * Nq):
-            hh = T.Bind(hc // Nq)
-            c = T.Bind(hc % Nq)
-            own = T.Bind(c + (Nc1 - 1) - Nq)
-            ks = T.Bind(B[own])
-            ke = T.Bind(B[own + 1])
-            qs = T.Bind(T.max(ks, Lk - Lq))
-            qbar = T.alloc_buffer((d,), "float32", scope="local")
-            for dd in T.vectorized(d):
-                qbar[dd] = T.float32(0)
-            for gi in range(g):
-                for t in range(ke - qs):
-                    for d0 in range(nd):
-                        for dv in T.vectorized(vl):
-                            qbar[d0 * vl + dv] = qbar[d0 * vl + dv] + T.Cast(
-                                "float32", Q[hh * g + gi, qs + t - (Lk - Lq), d0 * vl + dv]
-                            )
-            qscale = T.alloc_buffer((1,), "float32", scope="local")
-            if normalize:
-                qscale[0] = T.rsqrt(T.Cast("float32", ke - qs)) * T.float32(ginv)
-            else:
-                qscale[0] = T.float32(ginv) / T.Cast("float32", ke - qs)
-            for dd in T.vectorized(d):
-                qbar[dd] = qbar[dd] * qscale[0]
-            # DHSA centring: q̄ · μ with μ = the mean key before the own chunk
-            qmu = T.alloc_buffer((1,), "float32", scope="local")
-            qmu[0] = T.float32(0)
-            if normalize:
-                for dd in range(d):
-                    qmu[0] = qmu[0] + qbar[dd] * kpre[hh, own, dd]
-                qmu[0] = qmu[0] / T.Cast("float32", T.max(ks, 1))
-            # top-list insertion over candidates x < own (descending score, ties: lower id first)
-            iv = T.alloc_buffer((5,), "int32", scope="local")  # count, pos, flag, used, kept (toplist.py)
-            sc = T.alloc_buffer((1,), "float32", scope="local")
-            part = T.alloc_buffer((vl,), "float32", scope="local")
-            iv[0] = 0
-            for x in range(own):
-                for dv in T.vectorized(vl):
-                    part[dv] = T.float32(0)
-                for d0 in range(nd):
-                    for dv in T.vectorized(vl):
-                        part[dv] = part[dv] + qbar[d0 * vl + dv] * kbar[hh, x, d0 * vl + dv]
-                sc[0] = T.float32(0)
-                for dv in range(vl):
-                    sc[0] = sc[0] + part[dv]
+        # ---- 2.-4. blocks of RB rows (KV head, query chunk): each pooled key chunk is read once for the
+        # block's rows, not once per row (from L3 at 64K: 4 MiB of kbar per row made step 2 bandwidth-bound);
+        # blocks in zig-zag order (0, n-1, 1, n-2, ...) so that each thread's contiguous share holds as
+        # many early (short) rows as late (long) ones
+        for item in T.parallel(hkv * nqb(Nq)):
+            hh = T.Bind(item // nqb(Nq))
+            i = T.Bind(item % nqb(Nq))
+            blk = T.Bind(T.Select(i % 2 == 0, i // 2, nqb(Nq) - 1 - i // 2))
+            c0 = T.Bind(blk * RB)
+            nr = T.Bind(T.min(RB, Nq - c0))
+            qbars = T.alloc_buffer((RB, d), "float32")
+            qmus = T.alloc_buffer((RB,), "float32")
+            scores = T.alloc_buffer((RB, Nc1 - 1), "float32")
+            for r in range(nr):
+                own = T.Bind(c0 + r + (Nc1 - 1) - Nq)
+                ks = T.Bind(B[own])
+                ke = T.Bind(B[own + 1])
+                qs = T.Bind(T.max(ks, Lk - Lq))
+                for dd in T.vectorized(d):
+                    qbars[r, dd] = T.float32(0)
+                for gi in range(g):
+                    for t in range(ke - qs):
+                        for d0 in range(nd):
+                            for dv in T.vectorized(vl):
+                                qbars[r, d0 * vl + dv] = qbars[r, d0 * vl + dv] + T.Cast(
+                                    "float32", Q[hh * g + gi, qs + t - (Lk - Lq), d0 * vl + dv]
+                                )
+                qscale = T.alloc_buffer((1,), "float32", scope="local")
                 if normalize:
-                    sc[0] = sc[0] - T.sqrt(T.Cast("float32", B[x + 1] - B[x])) * qmu[0]
-                if local > 0:
-                    if B[x + 1] > ks - local:  # the local band ranks first (the reference's +inf)
-                        sc[0] = T.float32(BAND_SCORE)
-                if observe > 0:
-                    if pinned[hh, x] == 1:  # so do the vertical chunks
-                        sc[0] = T.float32(BAND_SCORE)
-                insert(topv, SEL, hh, c, M, sc[0], x, iv)
-            finish(B, SEL, NSEL, hh, c, M, own, ks, ke, iv)
+                    qscale[0] = T.rsqrt(T.Cast("float32", ke - qs)) * T.float32(ginv)
+                else:
+                    qscale[0] = T.float32(ginv) / T.Cast("float32", ke - qs)
+                for dd in T.vectorized(d):
+                    qbars[r, dd] = qbars[r, dd] * qscale[0]
+                # DHSA centring: q̄ · μ with μ = the mean key before the own chunk
+                qmus[r] = T.float32(0)
+                if normalize:
+                    for dd in range(d):
+                        qmus[r] = qmus[r] + qbars[r, dd] * kpre[hh, own, dd]
+                    qmus[r] = qmus[r] / T.Cast("float32", T.max(ks, 1))
+            # scores of the candidates x < own of each row (the last row has the most)
+            part = T.alloc_buffer((vl,), "float32", scope="local")
+            for x in range(c0 + nr - 1 + (Nc1 - 1) - Nq):
+                for r in range(nr):
+                    if x < c0 + r + (Nc1 - 1) - Nq:
+                        for dv in T.vectorized(vl):
+                            part[dv] = T.float32(0)
+                        for d0 in range(nd):
+                            for dv in T.vectorized(vl):
+                                part[dv] = part[dv] + qbars[r, d0 * vl + dv] * kbar[hh, x, d0 * vl + dv]
+                        scores[r, x] = T.float32(0)
+                        for dv in range(vl):
+                            scores[r, x] = scores[r, x] + part[dv]
+                        if normalize:
+                            scores[r, x] = scores[r, x] - T.sqrt(T.Cast("float32", B[x + 1] - B[x])) * qmus[r]
+            # top-list insertion over candidates x < own (descending score, ties: lower id first)
+            for r in range(nr):
+                c = T.Bind(c0 + r)
+                own = T.Bind(c + (Nc1 - 1) - Nq)
+                ks = T.Bind(B[own])
+                ke = T.Bind(B[own + 1])
+                iv = T.alloc_buffer((5,), "int32", scope="local")  # count, pos, flag, used, kept (toplist.py)
+                sc = T.alloc_buffer((1,), "float32", scope="local")
+                iv[0] = 0
+                for x in range(own):
+                    sc[0] = scores[r, x]
+                    if local > 0:
+                        if B[x + 1] > ks - local:  # the local band ranks first (the reference's +inf)
+                            sc[0] = T.float32(BAND_SCORE)
+                    if observe > 0:
+                        if pinned[hh, x] == 1:  # so do the vertical chunks
+                            sc[0] = T.float32(BAND_SCORE)
+                    insert(topv, SEL, hh, c, M, sc[0], x, iv)
+                finish(B, SEL, NSEL, hh, c, M, own, ks, ke, iv)
 
     return tvm.IRModule({SYMBOL[OP_SELECT]: dhsa_chunk_select})

@@ -63,5 +63,14 @@ def test_kernel_ab_compares_a_revision_with_the_working_tree(tmp_path: Path) -> 
     (rec,) = json.loads(out.read_text())["records"]
     assert rec["length"] == 300 and rec["chunk"] == 16 and len(rec["ratios"]) == 2
     assert rec["max_abs_diff"] < 1e-3  # a regression in the tree's kernel shows here first
+    sel = subprocess.run(
+        [*cmd, "--op", "select", "--pairs", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert sel.returncode == 0, sel.stderr[-2000:]
+    assert json.loads(out.read_text())["records"][0]["max_abs_diff"] == 0  # a selection is exact or wrong
     bad = subprocess.run([*cmd[:2], "--rev", "no-such-rev"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "git cannot show kernels_tvm/cpu.py" in bad.stderr
