@@ -20,7 +20,8 @@ whole tiles.
 
 Work items run in a `T.parallel` loop whose order is zig-zagged (0, N-1, 1, N-2, …)
 so that TVM's contiguous static split gives each thread the same causal work.
-No buffer depends on L except the inputs/outputs: per item Qt, O [R, D], S [KT, R], Vp [KT, D].
+No buffer depends on L except the inputs/outputs: per item Qt, O [R, D], S [KT, R], Vp [KT, D]
+(DHSA also Kp [KT, D] and the positions [KT]).
 """
 
 from __future__ import annotations
