@@ -104,7 +104,7 @@ def test_window_layer_keeps_only_its_window_after_a_prefill() -> None:
             assert theirs.keys.untyped_storage().nbytes() == 200 * 8 * 4
 
 
-def test_a_long_prefill_trims_the_heap_after_each_attention_and_leaves_no_hook() -> None:
+def test_a_long_prefill_trims_the_heap_after_each_attention_and_leaves_no_hook(monkeypatch) -> None:
     """runtime/heap.py: an attention's freed temporaries go back to the OS before the MLP's peak (glibc
     kept them mapped under it); the hooks go with the call."""
     from pathlib import Path
@@ -113,6 +113,7 @@ def test_a_long_prefill_trims_the_heap_after_each_attention_and_leaves_no_hook()
     from edgeattn.models import LoadedModel
     from edgeattn.runtime import heap, torch_backend
 
+    monkeypatch.setattr(heap, "TRIM_FROM_TOKENS", 64)  # the tiny model's context is 4096
     loaded = LoadedModel(tiny_model("gemma3"), None, "tiny", Path("."))
     layers = loaded.model.model.layers
     trims: list[int] = []
@@ -123,6 +124,8 @@ def test_a_long_prefill_trims_the_heap_after_each_attention_and_leaves_no_hook()
         s.append(list(range(4, 4 + heap.TRIM_FROM_TOKENS)))
         assert len(trims) == len(layers)  # after each attention, before the MLP
         trims.clear()
+        s.append(list(range(4, 4 + heap.TRIM_FROM_TOKENS - 1)))  # shorter: the trim is not worth its faults
+        assert trims == []
         s.append([5])  # a decode step: nothing to trim
         assert trims == []
     finally:
