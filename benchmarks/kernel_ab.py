@@ -21,7 +21,9 @@ One attention layer of the default model's global layers (4 query heads, 1 KV he
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,7 +61,10 @@ def module_at(rev: str, name: str) -> ModuleType:
         ).stdout
     except subprocess.CalledProcessError as err:
         raise SystemExit(f"--rev {rev}: git cannot show kernels_tvm/{name}.py there ({err.stderr.strip()})") from err
-    path = Path(tempfile.mkdtemp(prefix="edgeattn-ab-")) / f"{name}_at_rev.py"
+    # a file, not exec'd text: TVMScript reads its functions' source back from the file
+    folder = tempfile.mkdtemp(prefix="edgeattn-ab-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / f"{name}_at_rev.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"edgeattn.kernels_tvm._{name}_at_rev", path)
     module = importlib.util.module_from_spec(spec)

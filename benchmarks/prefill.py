@@ -75,8 +75,6 @@ def time_modules(loaded: Any, length: int) -> dict[str, float]:
 
     Why: the speed-up's gap to the FLOP ratio is a question of where the time goes.  Torch rows only.
     """
-    import time as _time
-
     from edgeattn import models
 
     sparse = set(models.global_layers(loaded.config))
@@ -90,12 +88,12 @@ def time_modules(loaded: Any, length: int) -> dict[str, float]:
     def watch(module: Any, name: str) -> None:
         def pre(m: Any, a: tuple, kw: dict) -> None:
             if tokens(a, kw) == length:
-                started[id(m)] = _time.perf_counter()
+                started[id(m)] = time.perf_counter()
 
         def post(m: Any, a: tuple, kw: dict, out: Any) -> None:
             t0 = started.pop(id(m), None)
             if t0 is not None:
-                totals[name] = totals.get(name, 0.0) + _time.perf_counter() - t0
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
 
         module.register_forward_pre_hook(pre, with_kwargs=True)
         module.register_forward_hook(post, with_kwargs=True)
